@@ -1,0 +1,187 @@
+"""Config spaces: one generator and one prune rule per kernel.
+
+A ``Config`` is the set of meta-parameters a launcher passes to a kernel
+(block sizes, ``num_warps``, ``num_stages``). Each kernel has:
+
+* a space (every config the tuner may pick),
+* a prune rule (``tl.dot`` dims ≥ 16, the shared-memory budget of the target),
+* a default rule, used when no tuned entry exists.
+
+The ahead-of-time compile tests compile every pruned config of every kernel
+for sm_80 and sm_90 in each dtype, so the spaces are kept small on purpose.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from typing import Iterable
+
+# Shared memory a block may use (bytes), by compute capability major.minor.
+SMEM_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Meta-parameters of one kernel launch."""
+
+    meta: tuple  # sorted ((name, value), ...) of the kernel's constexpr blocks
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def make(cls, num_warps: int = 4, num_stages: int = 3, **meta) -> "Config":
+        return cls(tuple(sorted(meta.items())), num_warps, num_stages)
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.meta)
+
+    def __getitem__(self, name):
+        return self.kwargs[name]
+
+    def launch_kwargs(self) -> dict:
+        return {**self.kwargs, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def to_dict(self) -> dict:
+        return {**self.kwargs, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = dict(d)
+        return cls.make(num_warps=int(d.pop("num_warps")), num_stages=int(d.pop("num_stages")),
+                        **{k: int(v) for k, v in d.items()})
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _itemsize(dtype_name: str) -> int:
+    return {"float16": 2, "bfloat16": 2, "float32": 4}[dtype_name]
+
+
+def rank_block(r: int) -> int:
+    """BLOCK_R for the shrink and grad kernels: R padded to a power of two ≥ 16
+    (``tl.dot`` needs every block dim ≥ 16)."""
+    if not 1 <= r <= 256:
+        raise ValueError(f"rank must be in [1, 256], got {r}")
+    return max(16, 1 << (r - 1).bit_length())
+
+
+# ---------------------------------------------------------------- lora_matmul
+def lora_matmul_space() -> list[Config]:
+    """Y = X·Wᵀ + s·T·Uᵀ: the big GEMM, forward y and backward dx."""
+    out = []
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+        (64, 64, 32, 4, 4),
+        (32, 32, 32, 2, 2),  # the interpreter's pick: several tiles at test shapes
+    ]:
+        out.append(Config.make(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s))
+    return out
+
+
+def lora_matmul_smem(cfg: Config, dtype_name: str) -> int:
+    """Pipelined operand tiles: stages × (BM·BK + BK·BN) elements."""
+    return cfg.num_stages * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * _itemsize(dtype_name)
+
+
+def prune_lora_matmul(cfgs: Iterable[Config], dtype_name: str, cc: int) -> list[Config]:
+    budget = SMEM_BYTES.get(cc, SMEM_BYTES[80])
+    return [c for c in cfgs
+            if min(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) >= 16
+            and lora_matmul_smem(c, dtype_name) <= budget]
+
+
+def default_lora_matmul(M: int, N: int, K: int, dtype_name: str, cc: int | None) -> Config:
+    """Heuristic pick. ``cc=None`` is the interpreter: small tiles, so that
+    the small shapes of the tests still cover several tiles and K steps."""
+    if cc is None:
+        return Config.make(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=2, num_stages=2)
+    space = prune_lora_matmul(lora_matmul_space(), dtype_name, cc)
+    if dtype_name == "float32":
+        # IEEE fp32 dot: moderate tiles keep registers in check.
+        return Config.make(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
+    if M >= 2048 and N >= 2048:
+        return space[0]
+    if M >= 256:
+        return Config.make(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return Config.make(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+# ---------------------------------------------------------------- lora_shrink
+def lora_shrink_space() -> list[Config]:
+    """t = s·drop(X)·Aᵀ: memory-bound, one pass over X. BLOCK_R comes from R."""
+    return [Config.make(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (16, 64, 2, 2)]]
+
+
+def lora_shrink_smem(cfg: Config, block_r: int, dtype_name: str) -> int:
+    return cfg.num_stages * (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_K"] * _itemsize(dtype_name)
+
+
+def prune_lora_shrink(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc: int) -> list[Config]:
+    budget = SMEM_BYTES.get(cc, SMEM_BYTES[80])
+    # The fp32 accumulator is BLOCK_M × BLOCK_R: cap it at 64 KiB so it stays
+    # in registers.
+    return [c for c in cfgs
+            if c["BLOCK_M"] >= 16 and c["BLOCK_K"] >= 16
+            and c["BLOCK_M"] * block_r <= 16384
+            and lora_shrink_smem(c, block_r, dtype_name) <= budget]
+
+
+def default_lora_shrink(M: int, K: int, block_r: int, dtype_name: str, cc: int | None) -> Config:
+    if cc is None:
+        return Config.make(BLOCK_M=16, BLOCK_K=64, num_warps=2, num_stages=2)
+    space = prune_lora_shrink(lora_shrink_space(), block_r, dtype_name, cc)
+    if M <= 256:
+        return space[-1]
+    return space[0]
+
+
+# ---------------------------------------------------------------- lora_grad
+def lora_grad_space() -> list[Config]:
+    """O = s·drop(G)ᵀ·T split over M: memory-bound. BLOCK_R comes from R."""
+    return [Config.make(BLOCK_M=bm, BLOCK_P=bp, num_warps=w, num_stages=s)
+            for bm, bp, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 32, 2, 2)]]
+
+
+def lora_grad_smem(cfg: Config, block_r: int, dtype_name: str) -> int:
+    return cfg.num_stages * (cfg["BLOCK_P"] + block_r) * cfg["BLOCK_M"] * _itemsize(dtype_name)
+
+
+def prune_lora_grad(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc: int) -> list[Config]:
+    budget = SMEM_BYTES.get(cc, SMEM_BYTES[80])
+    return [c for c in cfgs
+            if c["BLOCK_M"] >= 16 and c["BLOCK_P"] >= 16
+            and c["BLOCK_P"] * block_r <= 16384
+            and lora_grad_smem(c, block_r, dtype_name) <= budget]
+
+
+def default_lora_grad(M: int, P: int, block_r: int, dtype_name: str, cc: int | None) -> Config:
+    if cc is None:
+        return Config.make(BLOCK_M=32, BLOCK_P=32, num_warps=2, num_stages=2)
+    space = prune_lora_grad(lora_grad_space(), block_r, dtype_name, cc)
+    return space[0]
+
+
+RANK_BLOCKS = (16, 32, 64, 128, 256)
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def all_spaces(cc: int) -> dict[str, list[tuple]]:
+    """Every (config, dtype, BLOCK_R) the launchers may use on this target."""
+    spaces = {
+        "lora_matmul": [(c, d, None) for d in DTYPES
+                        for c in prune_lora_matmul(lora_matmul_space(), d, cc)],
+        "lora_shrink": [(c, d, br) for d, br in itertools.product(DTYPES, RANK_BLOCKS)
+                        for c in prune_lora_shrink(lora_shrink_space(), br, d, cc)],
+        "lora_grad": [(c, d, br) for d, br in itertools.product(DTYPES, RANK_BLOCKS)
+                      for c in prune_lora_grad(lora_grad_space(), br, d, cc)],
+    }
+    return spaces

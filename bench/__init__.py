@@ -1,0 +1,1 @@
+"""Microbenchmarks against eager PyTorch and the frozen linear layer."""

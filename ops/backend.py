@@ -1,0 +1,63 @@
+"""Which implementation runs: the Triton kernels or the PyTorch reference.
+
+Rule (one place, used by every op):
+
+* CUDA tensors run the Triton kernels.
+* CPU tensors run the reference, unless ``TRITON_INTERPRET=1`` is set, in
+  which case the Triton kernels run on the CPU through Triton's interpreter
+  (that is how the test suite exercises the real kernels without a GPU).
+* The override: the environment variable ``POSTTRAIN_KERNELS_BACKEND`` set
+  to ``triton`` or ``reference`` forces that path for every op (``auto``, the
+  default, applies the rule above). The functional API's ``backend=`` argument
+  does the same for one call and wins over the variable.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "POSTTRAIN_KERNELS_BACKEND"
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_backend(backend: str | None) -> str:
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    backend = backend.lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {backend!r}")
+    return backend
+
+
+def use_triton(device: torch.device, backend: str | None = None) -> bool:
+    """True if the Triton kernels should run for tensors on ``device``."""
+    backend = check_backend(backend)
+    if backend == "reference":
+        return False
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and interpreter_enabled():
+        return True
+    if backend == "triton":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 for CPU tensors; got device {device}")
+    return False
+
+
+def compute_capability(device: torch.device) -> int | None:
+    """sm number (90 for H100) of a CUDA device; None under the interpreter."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs, enough to exercise the split paths
+    return torch.cuda.get_device_properties(device).multi_processor_count

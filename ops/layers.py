@@ -1,0 +1,119 @@
+"""nn.Module layers. They call the functional API only; no Triton here."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import MAX_RANK, lora_linear
+
+
+class LoRALinear(nn.Module):
+    """Drop-in ``nn.Linear`` with a LoRA adapter: ``y = W0·x + s·B(A·dropout(x)) + b``.
+
+    ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+    The frozen ``weight`` and ``bias`` get no gradient; ``lora_A.weight``
+    ``[r, in]`` and ``lora_B.weight`` ``[out, r]`` are trained, and their
+    state-dict keys end as PEFT's do. Adapters default to fp32 (PEFT's
+    default) whatever the base dtype; the kernels cast them per tile.
+
+    ``init_lora_weights``: ``"kaiming"`` or ``True`` (A kaiming-uniform with
+    a=√5, PEFT's default), ``"gaussian"`` (A ~ N(0, 1/r), the LoRA paper),
+    ``False`` (B random too, so the adapter is not a no-op; for tests).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+                 init_lora_weights: Union[bool, str] = "kaiming", device=None, dtype=None,
+                 adapter_dtype: Optional[torch.dtype] = torch.float32):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora,
+                    init_lora_weights, adapter_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: Union[bool, str] = "kaiming",
+                    adapter_dtype: Optional[torch.dtype] = torch.float32) -> "LoRALinear":
+        """Wrap ``linear``: its weight and bias Parameters are reused (no copy) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora,
+                    init_lora_weights, adapter_dtype)
+        return self
+
+    def _setup(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype):
+        if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
+            raise ValueError(f"r: must be an int in [1, {MAX_RANK}], got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "kaiming", "gaussian"):
+            raise ValueError(f"init_lora_weights: expected True, False, 'kaiming' or 'gaussian', "
+                             f"got {init_lora_weights!r}")
+        self.out_features, self.in_features = weight.shape
+        weight.requires_grad_(False)
+        self.register_parameter("weight", weight)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.register_parameter("bias", bias)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        dtype = adapter_dtype or weight.dtype
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.merged = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = "kaiming") -> None:
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A in fp32, the [out, in] update a merge adds to the weight."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s·B·A into the weight: the forward becomes one plain GEMM."""
+        if self.merged:
+            warnings.warn("LoRALinear.merge(): already merged; nothing done")
+            return
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract s·B·A again; the weight comes back within rounding."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge(): not merged; nothing done")
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        p = self.lora_dropout if self.training else 0.0
+        return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                           self.bias, p)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"bias={self.bias is not None}, merged={self.merged}")

@@ -1,0 +1,21 @@
+"""Comparison helpers: the tolerance rule of DESIGN.md."""
+import torch
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_close_rule(name, ours, ref_lowp, ref_hi, atol):
+    """max|ours − ref_hi| ≤ 2·max|ref_lowp − ref_hi| + atol·max(1, max|ref_hi|).
+
+    ref_lowp is a plain PyTorch computation in the low precision, ref_hi the
+    same in fp64: ours may be at most twice as far from the truth as PyTorch
+    itself is.
+    """
+    assert ours.shape == ref_hi.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref_hi.shape)}"
+    ours, ref_lowp, ref_hi = ours.double(), ref_lowp.double(), ref_hi.double()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values (unwritten output?)"
+    err = (ours - ref_hi).abs().max().item() if ours.numel() else 0.0
+    base = (ref_lowp - ref_hi).abs().max().item() if ours.numel() else 0.0
+    mag = max(1.0, ref_hi.abs().max().item() if ours.numel() else 0.0)
+    bound = 2 * base + atol * mag
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (pytorch low-precision error {base:.3e})"
