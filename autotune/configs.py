@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from typing import Iterable
 
 # Shared memory a block may use (bytes), by compute capability major.minor.
@@ -56,6 +57,18 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def pinned(kernel: str) -> Config | None:
+    """The config pinned by ``POSTTRAIN_KERNELS_CONFIG_<KERNEL>`` (a JSON
+    object of meta-parameters with num_warps and num_stages), or None."""
+    text = os.environ.get(f"POSTTRAIN_KERNELS_CONFIG_{kernel.upper()}")
+    if not text:
+        return None
+    try:
+        return Config.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"POSTTRAIN_KERNELS_CONFIG_{kernel.upper()}: not a config ({e}): {text!r}") from None
+
+
 def _itemsize(dtype_name: str) -> int:
     return {"float16": 2, "bfloat16": 2, "float32": 4}[dtype_name]
 
@@ -68,22 +81,34 @@ def rank_block(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
+# Adapters and the low-rank activations may be fp32 whatever the compute
+# dtype: shared-memory estimates count their tiles at 4 bytes.
+_ADAPTER_BYTES = 4
+
+
+def _space(rows, names) -> list[Config]:
+    return [Config.make(num_warps=r[-2], num_stages=r[-1], **dict(zip(names, r[:-2]))) for r in rows]
+
+
 # ---------------------------------------------------------------- lora_matmul
-def lora_matmul_space() -> list[Config]:
-    """Y = X·Wᵀ + s·T·Uᵀ: the big GEMM, forward y and backward dx."""
-    out = []
-    for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-        (64, 64, 32, 4, 4),
-        (32, 32, 32, 2, 2),  # the interpreter's pick: several tiles at test shapes
-    ]:
-        out.append(Config.make(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s))
-    return out
+def lora_matmul_space(dtype_name: str) -> list[Config]:
+    """Y = X·Wᵀ + s·T·Uᵀ: the big GEMM, forward y and backward dx.
+
+    fp32 runs IEEE FMA products (no tensor cores): one moderate tile, not
+    tuned. The low-rank loop is not software-pipelined (``num_stages=1`` in
+    the kernel), so only the main loop's tiles count against shared memory.
+    """
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+    if dtype_name == "float32":
+        return _space([(64, 64, 32, 8, 4, 3)], names)
+    return _space([
+        (128, 256, 64, 8, 8, 3),
+        (128, 128, 64, 8, 8, 4),
+        (128, 128, 64, 8, 4, 4),
+        (128, 64, 64, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 3),
+    ], names)
 
 
 def lora_matmul_smem(cfg: Config, dtype_name: str) -> int:
@@ -103,26 +128,28 @@ def default_lora_matmul(M: int, N: int, K: int, dtype_name: str, cc: int | None)
     the small shapes of the tests still cover several tiles and K steps."""
     if cc is None:
         return Config.make(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=2, num_stages=2)
-    space = prune_lora_matmul(lora_matmul_space(), dtype_name, cc)
+    space = prune_lora_matmul(lora_matmul_space(dtype_name), dtype_name, cc)
     if dtype_name == "float32":
-        # IEEE fp32 dot: moderate tiles keep registers in check.
-        return Config.make(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
-    if M >= 2048 and N >= 2048:
         return space[0]
+    by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c for c in space}
+    if M >= 2048 and N >= 2048 and (128, 256) in by_tile:
+        return by_tile[(128, 256)]
     if M >= 256:
-        return Config.make(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return Config.make(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+        return by_tile[(128, 128)]
+    return by_tile[(64, 64)]
 
 
 # ---------------------------------------------------------------- lora_shrink
-def lora_shrink_space() -> list[Config]:
+def lora_shrink_space(dtype_name: str) -> list[Config]:
     """t = s·drop(X)·Aᵀ: memory-bound, one pass over X. BLOCK_R comes from R."""
-    return [Config.make(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (16, 64, 2, 2)]]
+    names = ("BLOCK_M", "BLOCK_K")
+    if dtype_name == "float32":
+        return _space([(32, 32, 4, 2)], names)
+    return _space([(64, 64, 4, 3), (16, 64, 4, 2)], names)
 
 
 def lora_shrink_smem(cfg: Config, block_r: int, dtype_name: str) -> int:
-    return cfg.num_stages * (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_K"] * _itemsize(dtype_name)
+    return cfg.num_stages * cfg["BLOCK_K"] * (cfg["BLOCK_M"] * _itemsize(dtype_name) + block_r * _ADAPTER_BYTES)
 
 
 def prune_lora_shrink(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc: int) -> list[Config]:
@@ -138,21 +165,22 @@ def prune_lora_shrink(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc:
 def default_lora_shrink(M: int, K: int, block_r: int, dtype_name: str, cc: int | None) -> Config:
     if cc is None:
         return Config.make(BLOCK_M=16, BLOCK_K=64, num_warps=2, num_stages=2)
-    space = prune_lora_shrink(lora_shrink_space(), block_r, dtype_name, cc)
-    if M <= 256:
-        return space[-1]
-    return space[0]
+    space = prune_lora_shrink(lora_shrink_space(dtype_name), block_r, dtype_name, cc)
+    # Few rows: thin row blocks keep more programs busy.
+    return space[-1] if M <= 1024 else space[0]
 
 
 # ---------------------------------------------------------------- lora_grad
-def lora_grad_space() -> list[Config]:
+def lora_grad_space(dtype_name: str) -> list[Config]:
     """O = s·drop(G)ᵀ·T split over M: memory-bound. BLOCK_R comes from R."""
-    return [Config.make(BLOCK_M=bm, BLOCK_P=bp, num_warps=w, num_stages=s)
-            for bm, bp, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (32, 32, 2, 2)]]
+    names = ("BLOCK_M", "BLOCK_P")
+    if dtype_name == "float32":
+        return _space([(32, 32, 4, 2)], names)
+    return _space([(64, 128, 4, 3), (32, 64, 4, 2)], names)
 
 
 def lora_grad_smem(cfg: Config, block_r: int, dtype_name: str) -> int:
-    return cfg.num_stages * (cfg["BLOCK_P"] + block_r) * cfg["BLOCK_M"] * _itemsize(dtype_name)
+    return cfg.num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_P"] * _itemsize(dtype_name) + block_r * _ADAPTER_BYTES)
 
 
 def prune_lora_grad(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc: int) -> list[Config]:
@@ -166,7 +194,7 @@ def prune_lora_grad(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc: i
 def default_lora_grad(M: int, P: int, block_r: int, dtype_name: str, cc: int | None) -> Config:
     if cc is None:
         return Config.make(BLOCK_M=32, BLOCK_P=32, num_warps=2, num_stages=2)
-    space = prune_lora_grad(lora_grad_space(), block_r, dtype_name, cc)
+    space = prune_lora_grad(lora_grad_space(dtype_name), block_r, dtype_name, cc)
     return space[0]
 
 
@@ -178,10 +206,10 @@ def all_spaces(cc: int) -> dict[str, list[tuple]]:
     """Every (config, dtype, BLOCK_R) the launchers may use on this target."""
     spaces = {
         "lora_matmul": [(c, d, None) for d in DTYPES
-                        for c in prune_lora_matmul(lora_matmul_space(), d, cc)],
+                        for c in prune_lora_matmul(lora_matmul_space(d), d, cc)],
         "lora_shrink": [(c, d, br) for d, br in itertools.product(DTYPES, RANK_BLOCKS)
-                        for c in prune_lora_shrink(lora_shrink_space(), br, d, cc)],
+                        for c in prune_lora_shrink(lora_shrink_space(d), br, d, cc)],
         "lora_grad": [(c, d, br) for d, br in itertools.product(DTYPES, RANK_BLOCKS)
-                      for c in prune_lora_grad(lora_grad_space(), br, d, cc)],
+                      for c in prune_lora_grad(lora_grad_space(d), br, d, cc)],
     }
     return spaces

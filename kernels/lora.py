@@ -138,7 +138,7 @@ def _lora_matmul_kernel(
     u_ptrs = u_ptr + offs_k[:, None] * stride_ur + cols[None, :] * stride_un
     if HAS_DROPOUT:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_K):
+    for r0 in tl.range(0, R, BLOCK_K, num_stages=1):
         mask_r = (r0 + offs_k) < R
         t = tl.load(t_ptrs, mask=mask_r[None, :], other=0.0)
         u = tl.load(u_ptrs, mask=mask_r[:, None], other=0.0)

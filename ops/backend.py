@@ -13,6 +13,7 @@ Rule (one place, used by every op):
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -53,11 +54,16 @@ def compute_capability(device: torch.device) -> int | None:
     """sm number (90 for H100) of a CUDA device; None under the interpreter."""
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: a few programs, enough to exercise the split paths
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int) -> tuple[int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return 10 * p.major + p.minor, p.multi_processor_count

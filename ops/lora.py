@@ -40,7 +40,8 @@ def lora_shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0,
     if M == 0:
         return t
     block_r = cfgs.rank_block(R)
-    cfg = cfgs.default_lora_shrink(M, K, block_r, _dtype_name(x.dtype), compute_capability(x.device))
+    cfg = cfgs.pinned("lora_shrink") or cfgs.default_lora_shrink(
+        M, K, block_r, _dtype_name(x.dtype), compute_capability(x.device))
     has_dropout = dropout_p > 0.0
     _lora_shrink_kernel[(triton_cdiv(M, cfg["BLOCK_M"]),)](
         x_ptr=x, a_ptr=a, t_ptr=t, seed_ptr=seed if has_dropout else t,
@@ -63,7 +64,8 @@ def lora_matmul(x: Tensor, w: Tensor, t: Tensor, u: Tensor, bias: Optional[Tenso
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    cfg = cfgs.default_lora_matmul(M, N, K, _dtype_name(x.dtype), compute_capability(x.device))
+    cfg = cfgs.pinned("lora_matmul") or cfgs.default_lora_matmul(
+        M, N, K, _dtype_name(x.dtype), compute_capability(x.device))
     has_dropout = dropout_p > 0.0
     grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
     _lora_matmul_kernel[grid](
@@ -91,7 +93,8 @@ def lora_grad(g: Tensor, t: Tensor, scale: float, dropout_p: float = 0.0,
     M, P = g.shape
     R = t.shape[1]
     block_r = cfgs.rank_block(R)
-    cfg = cfgs.default_lora_grad(M, P, block_r, _dtype_name(g.dtype), compute_capability(g.device))
+    cfg = cfgs.pinned("lora_grad") or cfgs.default_lora_grad(
+        M, P, block_r, _dtype_name(g.dtype), compute_capability(g.device))
     block_m, block_p = cfg["BLOCK_M"], cfg["BLOCK_P"]
     # Split M so that the grid fills the machine about twice; every split
     # owns a whole number of BLOCK_M rows. The split count depends only on

@@ -27,6 +27,9 @@ DTYPES = [
     pytest.param(torch.float16, torch.float16, id="fp16"),
     pytest.param(torch.float16, torch.float32, id="fp16-fp32adapters"),  # PEFT's default
 ]
+if torch.cuda.is_available():  # bf16 tl.dot is wrong in the interpreter: GPU only
+    DTYPES += [pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
+               pytest.param(torch.bfloat16, torch.float32, id="bf16-fp32adapters")]
 
 
 def make_inputs(lead, K, N, r, dtype, adapter_dtype, device, bias=True, seed=0):

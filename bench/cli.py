@@ -1,0 +1,77 @@
+"""``posttrain-kernels``: the benchmark / self-check command.
+
+    posttrain-kernels bench [lora|all] [--json F] [--csv F] [--md F] [--smoke]
+
+On a CUDA machine it benchmarks the kernels at model shapes against the
+baselines and checks every result against a fp32 reference. Without CUDA it
+runs a smoke mode: the real kernels through the Triton interpreter at small
+shapes, correctness checked, and it says plainly that its timings are not
+GPU numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+BENCHES = ("lora",)
+# Relative error (norm-wise, fwd and every gradient) allowed per dtype.
+TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
+
+
+def _reexec_under_interpreter(argv) -> int:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.call([sys.executable, "-m", "posttrain_kernels.bench", *argv], env=env)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="posttrain-kernels", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="benchmarks against eager PyTorch, with a correctness check")
+    b.add_argument("which", nargs="?", default="all", choices=(*BENCHES, "all"))
+    b.add_argument("--smoke", action="store_true", help="small shapes (the default without CUDA)")
+    b.add_argument("--json", help="write the rows as JSON")
+    b.add_argument("--csv", help="write the rows as CSV")
+    b.add_argument("--md", help="write the markdown table")
+    args = ap.parse_args(argv)
+
+    import torch
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("No CUDA device: running the kernels through the Triton interpreter (TRITON_INTERPRET=1).",
+              flush=True)
+        return _reexec_under_interpreter(argv)
+
+    from . import common, lora
+    device = torch.device("cuda" if has_cuda else "cpu")
+    smoke = args.smoke or not has_cuda
+    timer = common.Timer(device)
+    print(common.header(device), flush=True)
+    if smoke:
+        print("smoke mode: small shapes" + ("" if has_cuda else
+              "; timings are interpreter wall-clock on the CPU, NOT GPU numbers"), flush=True)
+    results = []
+    for which in (BENCHES if args.which == "all" else (args.which,)):
+        if which == "lora":
+            results += lora.run(lora.SMOKE_SHAPES if smoke else lora.GPU_SHAPES, timer)
+    table = common.markdown(results)
+    print(table)
+    for path, text in ((args.json, common.to_json(results)), (args.csv, common.to_csv(results)),
+                       (args.md, common.header(device) + "\n" + table + "\n")):
+        if path:
+            with open(path, "w") as f:
+                f.write(text)
+    bad = [r for r in results if r.rel_err is not None
+           and not r.rel_err <= TOLERANCE[r.shape.rsplit(" ", 1)[-1]]]
+    for r in bad:
+        print(f"CHECK FAILED: {r.bench} {r.shape}: relative error {r.rel_err:.2e}", file=sys.stderr)
+    if not bad:
+        print(f"\nself-check passed: {len({(r.bench, r.shape) for r in results})} shapes, forward and "
+              f"every gradient within tolerance of the fp32/fp64 reference")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Timing, result rows and tables shared by the benchmarks."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+@dataclasses.dataclass
+class Result:
+    bench: str
+    shape: str
+    mode: str
+    provider: str
+    ms: float  # median
+    p20_ms: float
+    p80_ms: float
+    tflops: float
+    gbps: float
+    vs: dict  # provider -> this time / that time
+    rel_err: float | None = None
+
+
+class Timer:
+    """Median and p20/p80 of a callable.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs).
+    CPU (the interpreter smoke mode): wall clock; these are NOT GPU numbers.
+    """
+
+    def __init__(self, device: torch.device, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps: int = 3):
+        self.device = device
+        self.warmup_ms, self.rep_ms, self.cpu_reps = warmup_ms, rep_ms, cpu_reps
+
+    def time(self, fn) -> tuple[float, float, float]:
+        if self.device.type == "cuda":
+            import triton.testing
+            q = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8])
+            return tuple(float(v) for v in q)
+        fn()  # warm-up (compiles nothing under the interpreter, but fills caches)
+        samples = []
+        for _ in range(self.cpu_reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        samples.sort()
+        return statistics.median(samples), samples[0], samples[-1]
+
+
+def header(device: torch.device) -> str:
+    import triton
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = f"no GPU ({platform.processor() or platform.machine()}): Triton interpreter on CPU, timings are NOT GPU numbers"
+    return (f"{gpu} | torch {torch.__version__} | triton {triton.__version__} | "
+            f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def markdown(results: list[Result], baselines=("linear", "eager")) -> str:
+    lines = []
+    groups = {}
+    for r in results:
+        groups.setdefault((r.bench, r.shape, r.mode), []).append(r)
+    for (bench, shape, mode), rows in groups.items():
+        lines.append(f"\n**{bench} {mode}** — {shape}\n")
+        cols = [b for b in baselines if any(b in r.vs for r in rows)]
+        lines.append("| provider | median ms | p20–p80 ms | TFLOP/s | GB/s (min bytes) | "
+                     + " | ".join(f"time / {b}" for b in cols) + " | rel. err |")
+        lines.append("|---|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|")
+        for r in rows:
+            ratios = " | ".join(f"{r.vs[b]:.3f}x" if b in r.vs else "1.000x" for b in cols)
+            err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
+            lines.append(f"| {r.provider} | {r.ms:.4f} | {r.p20_ms:.4f}–{r.p80_ms:.4f} | {r.tflops:.1f} | "
+                         f"{r.gbps:.0f} | {ratios} | {err} |")
+    return "\n".join(lines)
+
+
+def to_json(results: list[Result]) -> str:
+    return json.dumps([dataclasses.asdict(r) for r in results], indent=1)
+
+
+def to_csv(results: list[Result]) -> str:
+    keys = ["bench", "shape", "mode", "provider", "ms", "p20_ms", "p80_ms", "tflops", "gbps", "rel_err"]
+    lines = [",".join(keys + ["vs"])]
+    for r in results:
+        d = dataclasses.asdict(r)
+        vs = ";".join(f"{k}={v:.4f}" for k, v in r.vs.items())
+        lines.append(",".join(str(d[k]) for k in keys) + f",{vs}")
+    return "\n".join(lines)
