@@ -21,7 +21,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
     > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-step bench 200 posttrain-kernels bench all --md "$OUT/bench.md" --json "$OUT/bench.json"
+step bench 200 python3 -m posttrain_kernels.bench bench all --md "$OUT/bench.md" --json "$OUT/bench.json"
 step gpu-tests 150 python3 -m pytest tests -m "gpu" -q -x -p no:cacheprovider
 step sweep 120 python3 -m posttrain_kernels.bench.sweep_lora --json "$OUT/sweep.json"
 step cuda-tests 150 python3 -m pytest tests -m "not gpu and not aot" -q -n 8 -p no:cacheprovider
