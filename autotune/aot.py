@@ -31,7 +31,8 @@ def _variants(kernel: str, dtype: str, index: int):
     transposed operands of dx / dt / dA) with adapters in the compute dtype
     and flags off. Both variants are compiled across each space without
     doubling the compile count. Returns (pointer types, constexpr flags,
-    integer args that equal 1, integer args not divisible by 16); every other
+    integer args that equal 1, integer args not divisible by 16; K is divisible by BLOCK_K only in the
+    forward layout); every other
     integer is specialised as a multiple of 16, as the JIT does at model
     shapes.
     """
@@ -43,7 +44,7 @@ def _variants(kernel: str, dtype: str, index: int):
         ones = ({"stride_xk", "stride_wk", "stride_tr", "stride_ur", "stride_yn"} if fwd
                 else {"stride_xk", "stride_wn", "stride_tr", "stride_un", "stride_yn"})
         return ({"x_ptr": d, "w_ptr": d, "t_ptr": "*fp32", "u_ptr": _PTR[adapter], "bias_ptr": d,
-                 "y_ptr": d, "seed_ptr": "*i32"}, {"HAS_BIAS": fwd, "HAS_DROPOUT": fwd}, ones,
+                 "y_ptr": d, "seed_ptr": "*i32"}, {"HAS_BIAS": fwd, "HAS_DROPOUT": fwd, "EVEN_K": fwd}, ones,
                 plain | ({"stride_tm", "stride_un"} if fwd else {"stride_tm"}))
     if kernel == "lora_shrink":
         ones = {"stride_xk", "stride_ak", "stride_tr"} if fwd else {"stride_xk", "stride_ar", "stride_tr"}

@@ -13,6 +13,7 @@ for sm_80 and sm_90 in each dtype, so the spaces are kept small on purpose.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -39,7 +40,10 @@ class Config:
         return dict(self.meta)
 
     def __getitem__(self, name):
-        return self.kwargs[name]
+        for k, v in self.meta:
+            if k == name:
+                return v
+        raise KeyError(name)
 
     def launch_kwargs(self) -> dict:
         return {**self.kwargs, "num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -123,6 +127,7 @@ def prune_lora_matmul(cfgs: Iterable[Config], dtype_name: str, cc: int) -> list[
             and lora_matmul_smem(c, dtype_name) <= budget]
 
 
+@functools.lru_cache(maxsize=4096)
 def default_lora_matmul(M: int, N: int, K: int, dtype_name: str, cc: int | None) -> Config:
     """Heuristic pick. ``cc=None`` is the interpreter: small tiles, so that
     the small shapes of the tests still cover several tiles and K steps."""
@@ -162,6 +167,7 @@ def prune_lora_shrink(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc:
             and lora_shrink_smem(c, block_r, dtype_name) <= budget]
 
 
+@functools.lru_cache(maxsize=4096)
 def default_lora_shrink(M: int, K: int, block_r: int, dtype_name: str, cc: int | None) -> Config:
     if cc is None:
         return Config.make(BLOCK_M=16, BLOCK_K=64, num_warps=2, num_stages=2)
@@ -191,6 +197,7 @@ def prune_lora_grad(cfgs: Iterable[Config], block_r: int, dtype_name: str, cc: i
             and lora_grad_smem(c, block_r, dtype_name) <= budget]
 
 
+@functools.lru_cache(maxsize=4096)
 def default_lora_grad(M: int, P: int, block_r: int, dtype_name: str, cc: int | None) -> Config:
     if cc is None:
         return Config.make(BLOCK_M=32, BLOCK_P=32, num_warps=2, num_stages=2)

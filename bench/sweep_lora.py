@@ -21,6 +21,28 @@ from ..ops import lora as L
 from ..ops.backend import compute_capability
 
 
+# Candidates outside the shipped spaces, timed next to them to decide what
+# the spaces should hold.
+CANDIDATES = {
+    "lora_matmul": [
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=16, num_warps=8, num_stages=3),
+    ],
+    "lora_shrink": [
+        dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_K=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
+    ],
+    "lora_grad": [
+        dict(BLOCK_M=128, BLOCK_P=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_P=64, num_warps=4, num_stages=4),
+    ],
+}
+
+
 def _time(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -55,7 +77,7 @@ def sweep(M, K, N, r, dtype=torch.bfloat16):
     for case, (kernel, fn, space) in cases.items():
         var = f"POSTTRAIN_KERNELS_CONFIG_{kernel.upper()}"
         rows.append({"case": case, "config": "default", "ms": _time(fn)})
-        for cfg in space:
+        for cfg in list(space) + [C.Config.from_dict(d) for d in CANDIDATES[kernel]]:
             os.environ[var] = json.dumps(cfg.to_dict())
             try:
                 rows.append({"case": case, "config": cfg.to_dict(), "ms": _time(fn)})

@@ -79,7 +79,8 @@ def lora_matmul(x: Tensor, w: Tensor, t: Tensor, u: Tensor, bias: Optional[Tenso
         stride_un=u.stride(0), stride_ur=u.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         scale=float(scale) / (1.0 - dropout_p), drop_threshold=ref.dropout_threshold(dropout_p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, **cfg.launch_kwargs(),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        **cfg.launch_kwargs(),
     )
     return y
 
