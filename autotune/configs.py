@@ -106,7 +106,7 @@ def lora_matmul_space(dtype_name: str) -> list[Config]:
     if dtype_name == "float32":
         return _space([(64, 64, 32, 8, 4, 3)], names)
     return _space([
-        (128, 256, 64, 8, 8, 3),
+        (128, 256, 64, 16, 8, 3),  # measured best on H100 for fwd and dx (docs/benchmarks.md)
         (128, 128, 64, 8, 8, 4),
         (128, 128, 64, 8, 4, 4),
         (128, 64, 64, 8, 4, 4),
@@ -150,7 +150,7 @@ def lora_shrink_space(dtype_name: str) -> list[Config]:
     names = ("BLOCK_M", "BLOCK_K")
     if dtype_name == "float32":
         return _space([(32, 32, 4, 2)], names)
-    return _space([(64, 64, 4, 3), (16, 64, 4, 2)], names)
+    return _space([(16, 128, 4, 4), (16, 64, 4, 2)], names)
 
 
 def lora_shrink_smem(cfg: Config, block_r: int, dtype_name: str) -> int:
@@ -172,8 +172,9 @@ def default_lora_shrink(M: int, K: int, block_r: int, dtype_name: str, cc: int |
     if cc is None:
         return Config.make(BLOCK_M=16, BLOCK_K=64, num_warps=2, num_stages=2)
     space = prune_lora_shrink(lora_shrink_space(dtype_name), block_r, dtype_name, cc)
-    # Few rows: thin row blocks keep more programs busy.
-    return space[-1] if M <= 1024 else space[0]
+    # Thin row blocks with long K steps: many programs, each streaming its
+    # rows once (measured fastest at M=8192, K=4096, r=16 on H100).
+    return space[0]
 
 
 # ---------------------------------------------------------------- lora_grad
