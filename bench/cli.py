@@ -1,6 +1,8 @@
-"""``posttrain-kernels``: the benchmark / self-check command.
+"""``posttrain-kernels``: the benchmark / self-check and tuning command.
 
-    posttrain-kernels bench [lora|all] [--json F] [--csv F] [--md F] [--smoke]
+    posttrain-kernels bench [lora|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
+                            [--json F] [--csv F] [--md F] [--plot F.png]
+    posttrain-kernels tune [--preset llama-3-8b] [--shape K,N] [--tokens 8192] [--rank 16] [--output F]
 
 On a CUDA machine it benchmarks the kernels at model shapes against the
 baselines and checks every result against a fp32 reference. Without CUDA it
@@ -35,7 +37,23 @@ def main(argv=None) -> int:
     b.add_argument("--json", help="write the rows as JSON")
     b.add_argument("--csv", help="write the rows as CSV")
     b.add_argument("--md", help="write the markdown table")
+    b.add_argument("--plot", help="write PNG bar charts to this file (needs matplotlib)")
+    b.add_argument("--quick", action="store_true", help="GPU: the headline shape only")
+    b.add_argument("--providers", help="comma-separated subset of linear,eager,compile,peft,ours")
+    b.add_argument("--modes", help="comma-separated subset of fwd,bwd,fwd+bwd")
+    t = sub.add_parser("tune", help="tune the kernels for a model's shapes and write the cache (GPU)")
+    t.add_argument("--preset", action="append", help="model preset (llama-3-8b, llama-3-70b, mixtral-8x7b)")
+    t.add_argument("--shape", action="append", help="an explicit linear shape: in_features,out_features")
+    t.add_argument("--tokens", type=lambda v: [int(x) for x in v.split(",")], default=[8192],
+                   help="token counts, comma-separated (bucketed to powers of two in the cache key)")
+    t.add_argument("--rank", type=lambda v: [int(x) for x in v.split(",")], default=[16],
+                   help="LoRA ranks, comma-separated")
+    t.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    t.add_argument("--output", help="cache file to write (default: the user cache of this GPU)")
     args = ap.parse_args(argv)
+    if args.command == "tune":
+        from ..autotune import tune
+        return tune.main(args)
 
     import torch
     has_cuda = torch.cuda.is_available()
@@ -49,17 +67,29 @@ def main(argv=None) -> int:
     smoke = args.smoke or not has_cuda
     timer = common.Timer(device)
     print(common.header(device), flush=True)
+    providers = args.providers.split(",") if args.providers else None
     if smoke:
         print("smoke mode: small shapes" + ("" if has_cuda else
               "; timings are interpreter wall-clock on the CPU, NOT GPU numbers"), flush=True)
+        if providers is None:  # torch.compile of the baseline adds a minute of C++ builds on a CPU
+            providers = [p for p in lora.available_providers() if p != "compile"]
+    modes = args.modes.split(",") if args.modes else lora.MODES
+    peaks = common.measure_peaks(device)
+    if peaks:
+        print(f"measured peaks: {peaks[0]:.0f} TFLOP/s bf16 matmul, {peaks[1]:.0f} GB/s copy (read + write)",
+              flush=True)
     results = []
     for which in (BENCHES if args.which == "all" else (args.which,)):
         if which == "lora":
-            results += lora.run(lora.SMOKE_SHAPES if smoke else lora.GPU_SHAPES, timer)
+            shapes = lora.SMOKE_SHAPES if smoke else lora.GPU_SHAPES[:1] if args.quick else lora.GPU_SHAPES
+            results += lora.run(shapes, timer, providers=providers, modes=modes, peaks=peaks)
     table = common.markdown(results)
     print(table)
+    if args.plot:
+        common.plot(results, args.plot)
     for path, text in ((args.json, common.to_json(results)), (args.csv, common.to_csv(results)),
-                       (args.md, common.header(device) + "\n" + table + "\n")):
+                       (args.md, common.header(device) + (f"\nmeasured peaks: {peaks[0]:.0f} TFLOP/s, "
+                                  f"{peaks[1]:.0f} GB/s" if peaks else "") + "\n" + table + "\n")):
         if path:
             with open(path, "w") as f:
                 f.write(text)

@@ -24,6 +24,7 @@ class Result:
     gbps: float
     vs: dict  # provider -> this time / that time
     rel_err: float | None = None
+    roofline_pct: float | None = None  # floor (measured peaks) / median, in %
 
 
 class Timer:
@@ -62,7 +63,24 @@ def header(device: torch.device) -> str:
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
-def markdown(results: list[Result], baselines=("linear", "eager")) -> str:
+def measure_peaks(device: torch.device) -> tuple[float, float] | None:
+    """(bf16 matmul TFLOP/s, copy GB/s counting read + write) measured here;
+    None off CUDA. The roofline floor of a benchmark uses these, not datasheet
+    numbers."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+    src = torch.randn(256 * 1024 * 1024, device=device, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    cp_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    return 2 * n ** 3 / mm_ms / 1e9, 2 * src.numel() * 4 / cp_ms / 1e6
+
+
+def markdown(results: list[Result], baselines=("linear", "eager", "compile", "peft")) -> str:
     lines = []
     groups = {}
     for r in results:
@@ -70,15 +88,39 @@ def markdown(results: list[Result], baselines=("linear", "eager")) -> str:
     for (bench, shape, mode), rows in groups.items():
         lines.append(f"\n**{bench} {mode}** — {shape}\n")
         cols = [b for b in baselines if any(b in r.vs for r in rows)]
-        lines.append("| provider | median ms | p20–p80 ms | TFLOP/s | GB/s (min bytes) | "
+        lines.append("| provider | median ms | p20–p80 ms | TFLOP/s | GB/s (min bytes) | % of roofline | "
                      + " | ".join(f"time / {b}" for b in cols) + " | rel. err |")
-        lines.append("|---|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|")
         for r in rows:
             ratios = " | ".join(f"{r.vs[b]:.3f}x" if b in r.vs else "1.000x" for b in cols)
             err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
+            roof = f"{r.roofline_pct:.0f} %" if r.roofline_pct is not None else "n/a"
             lines.append(f"| {r.provider} | {r.ms:.4f} | {r.p20_ms:.4f}–{r.p80_ms:.4f} | {r.tflops:.1f} | "
-                         f"{r.gbps:.0f} | {ratios} | {err} |")
+                         f"{r.gbps:.0f} | {roof} | {ratios} | {err} |")
     return "\n".join(lines)
+
+
+def plot(results: list[Result], path: str) -> None:
+    """One bar chart per (shape, mode): median ms by provider, p20–p80 as error bars."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib ({e})") from None
+    groups = {}
+    for r in results:
+        groups.setdefault((r.bench, r.shape, r.mode), []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7, 2.6 * len(groups)), squeeze=False)
+    for ax, ((bench, shape, mode), rows) in zip(axes[:, 0], groups.items()):
+        names = [r.provider for r in rows]
+        ms = [r.ms for r in rows]
+        err = [[r.ms - r.p20_ms for r in rows], [r.p80_ms - r.ms for r in rows]]
+        ax.barh(names, ms, xerr=err, color=["tab:orange" if n == "ours" else "tab:gray" for n in names])
+        ax.set_title(f"{bench} {mode}: {shape}", fontsize=9)
+        ax.set_xlabel("median ms (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def to_json(results: list[Result]) -> str:
@@ -86,7 +128,8 @@ def to_json(results: list[Result]) -> str:
 
 
 def to_csv(results: list[Result]) -> str:
-    keys = ["bench", "shape", "mode", "provider", "ms", "p20_ms", "p80_ms", "tflops", "gbps", "rel_err"]
+    keys = ["bench", "shape", "mode", "provider", "ms", "p20_ms", "p80_ms", "tflops", "gbps", "roofline_pct",
+            "rel_err"]
     lines = [",".join(keys + ["vs"])]
     for r in results:
         d = dataclasses.asdict(r)

@@ -18,8 +18,8 @@ from ..ops import reference as ref
 from ..ops.lora import lora_linear
 from .common import Result, Timer
 
-PROVIDERS = ("linear", "eager", "ours")
-MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("linear", "eager", "compile", "peft", "ours")
+MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +40,21 @@ SMOKE_SHAPES = [LoRAShape(64, 96, 80, 8, torch.float32), LoRAShape(48, 64, 72, 4
 
 
 def flops(s: LoRAShape, provider: str, mode: str) -> float:
+    """Useful FLOPs of the provider's problem (the frozen linear's for ``linear``)."""
     base = 2.0 * s.M * s.K * s.N
     lora = 2.0 * s.M * s.r * (s.K + s.N)
-    if provider == "linear":
-        return base if mode == "fwd" else 2 * base  # fwd + dx
-    return base + lora if mode == "fwd" else 2 * base + 3 * lora  # + dt, dA, dB, dx's low-rank term
+    fwd = base if provider == "linear" else base + lora
+    bwd = base if provider == "linear" else base + 3 * lora  # dx; + dt, dA, dB and dx's low-rank term
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def min_bytes(s: LoRAShape, mode: str) -> float:
     """Fewest bytes that must move: each input read once, each output written once."""
     e = torch.finfo(s.dtype).bits // 8
-    fwd = e * (s.M * s.K + s.N * s.K + s.M * s.N + s.r * (s.K + s.N))
-    if mode == "fwd":
-        return fwd
-    return fwd + e * (s.M * s.N + s.M * s.K + s.r * (s.K + s.N))  # read dy, write dx, dA, dB
+    adapters = s.r * (s.K + s.N)
+    fwd = e * (s.M * s.K + s.N * s.K + s.M * s.N + adapters)  # read x, W, A, B; write y
+    bwd = e * (s.M * s.N + s.N * s.K + s.M * s.K + 2 * adapters + s.M * s.K)  # read dy, W, A, B, x; write dx, dA, dB
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def make_inputs(s: LoRAShape, device):
@@ -72,18 +73,81 @@ def eager_lora(x, w, a, b, scale, bias):
     return F.linear(x, w, bias) + F.linear(F.linear(x, a), b) * scale
 
 
+class _OneLinear(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_layer(w, a, b, bias, scale):
+    """PEFT's own LoRA layer (through ``get_peft_model``, stable across PEFT
+    versions) around an nn.Linear holding the same weights."""
+    import peft
+    N, K = w.shape
+    r = a.shape[0]
+    base = torch.nn.Linear(K, N, bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        base.weight.copy_(w)
+        if bias is not None:
+            base.bias.copy_(bias)
+    config = peft.LoraConfig(r=r, lora_alpha=scale * r, lora_dropout=0.0, target_modules=["proj"])
+    model = peft.get_peft_model(_OneLinear(base), config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():  # the adapters in the benchmark's dtype, as for the other providers
+        layer.lora_A["default"].weight.data = a.clone()
+        layer.lora_B["default"].weight.data = b.clone()
+    return model, (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+
+
+_COMPILED = {}
+
+
+def _compiled_eager():
+    # One torch.compile'd function for every shape and mode: dynamo keeps one
+    # graph per input signature, so each is compiled once per process.
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(eager_lora, dynamic=False)
+    return _COMPILED["fn"]
+
+
+def available_providers() -> tuple:
+    try:
+        import peft  # noqa: F401
+        return PROVIDERS
+    except ImportError:
+        return tuple(p for p in PROVIDERS if p != "peft")
+
+
 def provider_fn(provider: str, mode: str, s: LoRAShape, inputs, scale: float = 2.0):
+    """A zero-argument callable doing ``mode`` of ``provider`` once."""
     x, w, a, b, bias, dy = inputs
-    fwd = {
-        "linear": lambda x_, a_, b_: F.linear(x_, w, bias),
-        "eager": lambda x_, a_, b_: eager_lora(x_, w, a_, b_, scale, bias),
-        "ours": lambda x_, a_, b_: lora_linear(x_, w, a_, b_, scale, bias),
-    }[provider]
+    xs = x.detach().requires_grad_(mode != "fwd")
+    if provider == "peft":
+        layer, lora_params = _peft_layer(w, a, b, bias, scale)
+        for p in lora_params:
+            p.requires_grad_(mode != "fwd")
+        fwd = lambda: layer(xs)  # noqa: E731
+        wrt = (xs, *lora_params)
+    else:
+        as_, bs = (v.detach().requires_grad_(mode != "fwd") for v in (a, b))
+        eager = _compiled_eager() if provider == "compile" else eager_lora
+        fn = {
+            "linear": lambda: F.linear(xs, w, bias),
+            "eager": lambda: eager(xs, w, as_, bs, scale, bias),
+            "compile": lambda: eager(xs, w, as_, bs, scale, bias),
+            "ours": lambda: lora_linear(xs, w, as_, bs, scale, bias),
+        }[provider]
+        fwd = fn
+        wrt = (xs,) if provider == "linear" else (xs, as_, bs)
     if mode == "fwd":
-        return lambda: fwd(x, a, b)
-    xs, as_, bs = (v.detach().requires_grad_(True) for v in (x, a, b))
-    wrt = (xs,) if provider == "linear" else (xs, as_, bs)
-    return lambda: torch.autograd.grad(fwd(xs, as_, bs), wrt, dy)
+        return fwd
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(fwd(), wrt, dy)
+    y = fwd()  # bwd alone: one forward, then the backward repeated on its graph
+    return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
 
 
 def check(s: LoRAShape, inputs, scale: float = 2.0) -> float:
@@ -99,8 +163,11 @@ def check(s: LoRAShape, inputs, scale: float = 2.0) -> float:
     return max(((g.to(hi_dtype) - r).norm() / r.norm()).item() for g, r in zip(got, want))
 
 
-def run(shapes, timer: Timer, providers=PROVIDERS, modes=MODES) -> list[Result]:
+def run(shapes, timer: Timer, providers=None, modes=MODES, peaks=None) -> list[Result]:
+    """``peaks``: (TFLOP/s, GB/s) measured on this device, for the roofline
+    column; None leaves it empty."""
     device = timer.device
+    providers = providers or available_providers()
     out = []
     for s in shapes:
         inputs = make_inputs(s, device)
@@ -111,10 +178,14 @@ def run(shapes, timer: Timer, providers=PROVIDERS, modes=MODES) -> list[Result]:
                 times[p] = timer.time(provider_fn(p, mode, s, inputs))
             for p in providers:
                 med, p20, p80 = times[p]
+                floor = None
+                if peaks is not None:
+                    floor = max(flops(s, p, mode) / (peaks[0] * 1e9), min_bytes(s, mode) / (peaks[1] * 1e6))
                 out.append(Result(
                     bench="lora", shape=s.label, mode=mode, provider=p, ms=med, p20_ms=p20, p80_ms=p80,
                     tflops=flops(s, p, mode) / med / 1e9, gbps=min_bytes(s, mode) / med / 1e6,
                     vs={q: med / times[q][0] for q in providers if q != p},
-                    rel_err=err if p == "ours" else None))
+                    rel_err=err if p == "ours" else None,
+                    roofline_pct=None if floor is None else 100.0 * floor / med))
         del inputs
     return out

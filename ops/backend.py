@@ -63,7 +63,15 @@ def num_sms(device: torch.device) -> int:
     return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
+def device_info(device: torch.device) -> tuple[str, int] | None:
+    """(GPU name, compute capability) for the tuning cache; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    props = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+    return props[2], props[0]
+
+
 @functools.lru_cache(maxsize=None)
-def _cuda_props(index: int) -> tuple[int, int]:
+def _cuda_props(index: int) -> tuple[int, int, str]:
     p = torch.cuda.get_device_properties(index)
-    return 10 * p.major + p.minor, p.multi_processor_count
+    return 10 * p.major + p.minor, p.multi_processor_count, p.name

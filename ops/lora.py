@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..autotune import cache as tuning
 from ..autotune import configs as cfgs
 from ..kernels.lora import _lora_grad_kernel, _lora_matmul_kernel, _lora_shrink_kernel
 from . import reference as ref
-from .backend import check_backend, compute_capability, num_sms, use_triton
+from .backend import check_backend, compute_capability, device_info, num_sms, use_triton
 
 MAX_RANK = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,6 +26,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _config(kernel: str, device: torch.device, dtype: torch.dtype, default, **dims):
+    """Pinned, tuned (user cache, then shipped) or heuristic config; see
+    autotune/cache.py for the order. ``dims`` form the cache key."""
+    info = device_info(device)
+    key = tuning.make_key(_dtype_name(dtype), **dims) if info is not None else ""
+    return tuning.select(kernel, key, info, default)
 
 
 # ---------------------------------------------------------------- launchers
@@ -40,8 +49,9 @@ def lora_shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0,
     if M == 0:
         return t
     block_r = cfgs.rank_block(R)
-    cfg = cfgs.pinned("lora_shrink") or cfgs.default_lora_shrink(
-        M, K, block_r, _dtype_name(x.dtype), compute_capability(x.device))
+    cfg = _config("lora_shrink", x.device, x.dtype,
+                  lambda: cfgs.default_lora_shrink(M, K, block_r, _dtype_name(x.dtype), compute_capability(x.device)),
+                  K=K, R=R, layout="a" if a.stride(1) == 1 else "aT", M=M)
     has_dropout = dropout_p > 0.0
     _lora_shrink_kernel[(triton_cdiv(M, cfg["BLOCK_M"]),)](
         x_ptr=x, a_ptr=a, t_ptr=t, seed_ptr=seed if has_dropout else t,
@@ -64,8 +74,9 @@ def lora_matmul(x: Tensor, w: Tensor, t: Tensor, u: Tensor, bias: Optional[Tenso
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    cfg = cfgs.pinned("lora_matmul") or cfgs.default_lora_matmul(
-        M, N, K, _dtype_name(x.dtype), compute_capability(x.device))
+    cfg = _config("lora_matmul", x.device, x.dtype,
+                  lambda: cfgs.default_lora_matmul(M, N, K, _dtype_name(x.dtype), compute_capability(x.device)),
+                  N=N, K=K, layout="w" if w.stride(1) == 1 else "wT", M=M)
     has_dropout = dropout_p > 0.0
     grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
     _lora_matmul_kernel[grid](
@@ -94,8 +105,9 @@ def lora_grad(g: Tensor, t: Tensor, scale: float, dropout_p: float = 0.0,
     M, P = g.shape
     R = t.shape[1]
     block_r = cfgs.rank_block(R)
-    cfg = cfgs.pinned("lora_grad") or cfgs.default_lora_grad(
-        M, P, block_r, _dtype_name(g.dtype), compute_capability(g.device))
+    cfg = _config("lora_grad", g.device, g.dtype,
+                  lambda: cfgs.default_lora_grad(M, P, block_r, _dtype_name(g.dtype), compute_capability(g.device)),
+                  P=P, R=R, layout="oT" if transpose_out else "o", M=M)
     block_m, block_p = cfg["BLOCK_M"], cfg["BLOCK_P"]
     # Split M so that the grid fills the machine about twice; every split
     # owns a whole number of BLOCK_M rows. The split count depends only on

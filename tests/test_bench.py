@@ -1,0 +1,53 @@
+"""The benchmark suite in smoke mode (interpreter on CPU, small shapes): every
+provider and mode runs and ours is checked; the pytest-benchmark entry times
+the fused forward (benchmarks are disabled, run once, under pytest-xdist)."""
+import json
+
+import pytest
+import torch
+
+import posttrain_kernels as pk
+from posttrain_kernels.bench import common, lora
+
+
+def test_smoke_rows_tables_and_outputs(device, tmp_path):
+    shape = lora.LoRAShape(24, 40, 36, 4, torch.float32)
+    providers = [p for p in lora.available_providers() if p != "compile"]
+    results = lora.run([shape], common.Timer(device, cpu_reps=1), providers=providers)
+    assert {(r.mode, r.provider) for r in results} == {(m, p) for m in lora.MODES for p in providers}
+    ours = [r for r in results if r.provider == "ours"]
+    assert all(r.rel_err is not None and r.rel_err < 1e-5 for r in ours), "ours is checked against fp64"
+    assert all(r.ms > 0 and r.p20_ms <= r.ms <= r.p80_ms for r in results)
+    table = common.markdown(results)
+    assert "| ours |" in table and "time / eager" in table
+    rows = json.loads(common.to_json(results))
+    assert len(rows) == len(results) and rows[0]["bench"] == "lora"
+    assert common.to_csv(results).count("\n") == len(results)
+    pytest.importorskip("matplotlib")
+    common.plot(results, str(tmp_path / "lora.png"))
+    assert (tmp_path / "lora.png").stat().st_size > 1000
+
+
+def test_flops_and_bytes_model():
+    s = lora.LoRAShape(8192, 4096, 4096, 16)
+    base = 2 * 8192 * 4096 * 4096
+    assert lora.flops(s, "linear", "fwd") == base
+    assert lora.flops(s, "ours", "fwd") == base + 2 * 8192 * 16 * 8192  # 2·M·r·(K+N)
+    assert lora.flops(s, "ours", "fwd+bwd") == lora.flops(s, "ours", "fwd") + lora.flops(s, "ours", "bwd")
+    assert lora.min_bytes(s, "fwd") == 2 * (8192 * 4096 * 2 + 4096 * 4096 + 16 * 8192)
+
+
+def test_benchmark_fused_forward(benchmark, device):
+    shape = lora.LoRAShape(32, 48, 40, 8, torch.float32)
+    x, w, a, b, bias, _ = lora.make_inputs(shape, device)
+    y = benchmark(lambda: pk.lora_linear(x, w, a, b, 2.0, bias))
+    torch.testing.assert_close(y, lora.eager_lora(x, w, a, b, 2.0, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_provider_computes_the_same_layer(device):
+    pytest.importorskip("peft")
+    shape = lora.LoRAShape(12, 32, 24, 4, torch.float32)
+    inputs = lora.make_inputs(shape, device)
+    x, w, a, b, bias, _ = inputs
+    got = lora.provider_fn("peft", "fwd", shape, inputs)()
+    torch.testing.assert_close(got, lora.eager_lora(x, w, a, b, 2.0, bias), rtol=1e-5, atol=1e-5)
