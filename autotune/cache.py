@@ -36,11 +36,17 @@ SHIPPED_DIR = pathlib.Path(__file__).parent / "tuned"
 
 
 def cache_dir() -> pathlib.Path:
-    env = os.environ.get("POSTTRAIN_KERNELS_CACHE_DIR")
-    if env:
-        return pathlib.Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "posttrain-kernels"
+    return pathlib.Path(_cache_dir(os.environ.get("POSTTRAIN_KERNELS_CACHE_DIR"),
+                                   os.environ.get("XDG_CACHE_HOME"), os.environ.get("HOME")))
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_dir(explicit: str | None, xdg: str | None, home: str | None) -> str:
+    # Memoised on the variables it reads: select() runs on every launch.
+    if explicit:
+        return explicit
+    base = xdg or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "posttrain-kernels")
 
 
 def file_name(gpu_name: str, triton_version: str) -> str:
@@ -159,10 +165,17 @@ def select(kernel: str, key: str, device_info: tuple | None, default):
         return pinned
     if device_info is None or not tuning_enabled():
         return default()
-    import triton
     gpu_name, cc = device_info
-    cfg = _lookup(kernel, key, gpu_name, triton.__version__, cc, str(cache_dir()))
+    user_dir = _cache_dir(os.environ.get("POSTTRAIN_KERNELS_CACHE_DIR"), os.environ.get("XDG_CACHE_HOME"),
+                          os.environ.get("HOME"))
+    cfg = _lookup(kernel, key, gpu_name, _triton_version(), cc, user_dir)
     return cfg if cfg is not None else default()
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
 
 
 def write(path: pathlib.Path, gpu_name: str, triton_version: str, entries: dict, extra: dict | None = None) -> None:
