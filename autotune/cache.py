@@ -138,9 +138,31 @@ def _tables(gpu_name: str, triton_version: str, cc: int, user_dir: str) -> tuple
 
 
 def reset() -> None:
-    """Forget the loaded files (after ``tune`` wrote one, or in tests)."""
+    """Forget the loaded files and memoised picks (after ``tune`` wrote a
+    file, or in tests)."""
     _tables.cache_clear()
     _lookup.cache_clear()
+    _PICKS.clear()
+
+
+_PICKS: dict = {}
+
+
+def select_memo(kernel: str, dtype_name: str, dims: dict, device_info: tuple | None, default):
+    """``select`` memoised on everything it depends on, for the launchers'
+    hot path: the kernel, dtype, dims, device and the three environment
+    variables that change the answer. A hit costs three environment reads and
+    one dict lookup."""
+    env = (os.environ.get(f"POSTTRAIN_KERNELS_CONFIG_{kernel.upper()}"),
+           os.environ.get("POSTTRAIN_KERNELS_TUNING"), os.environ.get("POSTTRAIN_KERNELS_CACHE_DIR"))
+    memo_key = (kernel, dtype_name, tuple(dims.items()), device_info, env)
+    cfg = _PICKS.get(memo_key)
+    if cfg is None:
+        if len(_PICKS) > 8192:  # many distinct token counts: start over rather than grow
+            _PICKS.clear()
+        key = make_key(dtype_name, **dims) if device_info is not None else ""
+        cfg = _PICKS[memo_key] = select(kernel, key, device_info, default)
+    return cfg
 
 
 @functools.lru_cache(maxsize=8192)

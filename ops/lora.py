@@ -31,9 +31,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _config(kernel: str, device: torch.device, dtype: torch.dtype, default, **dims):
     """Pinned, tuned (user cache, then shipped) or heuristic config; see
     autotune/cache.py for the order. ``dims`` form the cache key."""
-    info = device_info(device)
-    key = tuning.make_key(_dtype_name(dtype), **dims) if info is not None else ""
-    return tuning.select(kernel, key, info, default)
+    return tuning.select_memo(kernel, _dtype_name(dtype), dims, device_info(device), default)
 
 
 # ---------------------------------------------------------------- launchers

@@ -159,3 +159,16 @@ def test_tune_command_needs_a_gpu(capsys):
     from posttrain_kernels.bench.cli import main
     assert main(["tune", "--preset", "llama-3-8b"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_memoised_pick_follows_pins_and_new_files(isolated_cache, monkeypatch):
+    dims = dict(N=4096, K=4096, layout="w", M=8192)
+    pick = lambda: cache.select_memo("lora_matmul", "bfloat16", dims, GPU, lambda: DEFAULT)  # noqa: E731
+    assert pick() == DEFAULT
+    _write("user", isolated_cache, OTHER)  # write() resets the memo
+    assert pick() == OTHER
+    pin = C.Config.make(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+    monkeypatch.setenv("POSTTRAIN_KERNELS_CONFIG_LORA_MATMUL", json.dumps(pin.to_dict()))
+    assert pick() == pin
+    monkeypatch.delenv("POSTTRAIN_KERNELS_CONFIG_LORA_MATMUL")
+    assert pick() == OTHER
