@@ -54,13 +54,21 @@ def _variants(kernel: str, dtype: str, index: int):
         ones = {"stride_gp", "stride_tr", "stride_or"} if fwd else {"stride_gp", "stride_tr", "stride_op"}
         return ({"g_ptr": d, "t_ptr": "*fp32", "o_ptr": "*fp32", "seed_ptr": "*i32"},
                 {"HAS_DROPOUT": fwd}, ones, plain | {"stride_tm"} | ({"stride_op"} if fwd else set()))
+    if kernel == "moe_gather":
+        # Forward layout: dispatch (no scale, no dot); backward: combine's (both).
+        return ({"src_ptr": d, "idx_ptr": "*i64", "scale_ptr": "*fp32", "other_ptr": d, "out_ptr": d,
+                 "dot_ptr": "*fp32"}, {"HAS_SCALE": not fwd, "HAS_DOT": not fwd}, set(), {"S"})
+    if kernel == "moe_segment_sum":
+        return ({"src_ptr": d, "order_ptr": "*i64", "offsets_ptr": "*i64", "gate_ptr": "*fp32", "out_ptr": d},
+                {"HAS_GATES": fwd}, set(), {"n"})
     raise KeyError(kernel)
 
 
 def _kernel_fn(kernel: str):
-    from ..kernels import lora
+    from ..kernels import lora, moe
     return {"lora_matmul": lora._lora_matmul_kernel, "lora_shrink": lora._lora_shrink_kernel,
-            "lora_grad": lora._lora_grad_kernel}[kernel]
+            "lora_grad": lora._lora_grad_kernel, "moe_gather": moe._moe_gather_kernel,
+            "moe_segment_sum": moe._moe_segment_sum_kernel}[kernel]
 
 
 def jobs(cc: int) -> list[tuple]:

@@ -83,6 +83,10 @@ def _valid_configs(kernel: str, key: str, cc: int) -> set:
         return set()
     if kernel == "lora_matmul":
         return set(C.prune_lora_matmul(C.lora_matmul_space(dtype), dtype, cc))
+    if kernel == "moe_gather":
+        return set(C.moe_gather_space())
+    if kernel == "moe_segment_sum":
+        return set(C.moe_segment_sum_space())
     m = re.search(r"\|R=(\d+)", key)
     block_r = C.rank_block(int(m.group(1))) if m else None
     if block_r is None:

@@ -206,6 +206,31 @@ def default_lora_grad(M: int, P: int, block_r: int, dtype_name: str, cc: int | N
     return space[0]
 
 
+# ---------------------------------------------------------------- moe
+def moe_gather_space() -> list[Config]:
+    """out[s] = scale·src[idx[s]]: memory-bound row copies, BLOCK_S slots a program."""
+    return _space([(4, 512, 4, 2), (2, 1024, 4, 2), (8, 256, 4, 2)], ("BLOCK_S", "BLOCK_D"))
+
+
+def moe_segment_sum_space() -> list[Config]:
+    """out[t] = Σ gate·src[slot]: one token × BLOCK_D columns a program."""
+    return _space([(1024, 4, 1), (512, 4, 1), (2048, 8, 1)], ("BLOCK_D",))
+
+
+@functools.lru_cache(maxsize=256)
+def default_moe_gather(D: int, on_gpu: bool) -> Config:
+    if not on_gpu:  # interpreter: a short D block, so the D loop runs several steps
+        return Config.make(BLOCK_S=2, BLOCK_D=64, num_warps=2, num_stages=1)
+    return moe_gather_space()[0]
+
+
+@functools.lru_cache(maxsize=256)
+def default_moe_segment_sum(D: int, on_gpu: bool) -> Config:
+    if not on_gpu:
+        return Config.make(BLOCK_D=64, num_warps=2, num_stages=1)
+    return moe_segment_sum_space()[0] if D >= 1024 else moe_segment_sum_space()[1]
+
+
 RANK_BLOCKS = (16, 32, 64, 128, 256)
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -219,5 +244,8 @@ def all_spaces(cc: int) -> dict[str, list[tuple]]:
                         for c in prune_lora_shrink(lora_shrink_space(d), br, d, cc)],
         "lora_grad": [(c, d, br) for d, br in itertools.product(DTYPES, RANK_BLOCKS)
                       for c in prune_lora_grad(lora_grad_space(d), br, d, cc)],
+        # Row copies: no dot, little shared memory; every config fits every target.
+        "moe_gather": [(c, d, None) for d in DTYPES for c in moe_gather_space()],
+        "moe_segment_sum": [(c, d, None) for d in DTYPES for c in moe_segment_sum_space()],
     }
     return spaces

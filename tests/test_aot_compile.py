@@ -37,5 +37,7 @@ def test_every_config_compiles(cc, tmp_path):
         assert ("lora_matmul", d, None) in seen
         for br in C.RANK_BLOCKS:
             assert ("lora_shrink", d, br) in seen and ("lora_grad", d, br) in seen
-    assert len(rows) == len(C.all_spaces(cc)["lora_matmul"]) + len(C.all_spaces(cc)["lora_shrink"]) \
-        + len(C.all_spaces(cc)["lora_grad"])
+    spaces = C.all_spaces(cc)
+    assert len(rows) == sum(len(v) for v in spaces.values())
+    for kernel in ("moe_gather", "moe_segment_sum"):
+        assert {r["dtype"] for r in rows if r["kernel"] == kernel} == set(C.DTYPES), kernel

@@ -1,0 +1,298 @@
+"""MoE layers and sparse upcycling. They call the functional API only; no Triton here.
+
+``ExpertChoiceMoE``: each expert takes its top ``ceil(C·n/E)`` tokens.
+``TopKMoE``: each token goes to its top-K experts, each expert keeps at most
+``ceil(C·K·n/E)``. Both route in fp32, dispatch with ``moe_dispatch``, run the
+experts as one batched GEMM over ``[E, capacity, d]`` and combine with
+``moe_combine``: static shapes, no host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .moe import (capacity_from_factor, expert_choice_route, load_balancing_loss, moe_combine, moe_dispatch,
+                  router_z_loss, topk_route)
+
+ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+               "silu": lambda: nn.SiLU(), "relu": lambda: nn.ReLU()}
+
+
+def _activation(act: Union[str, nn.Module]) -> nn.Module:
+    if isinstance(act, nn.Module):
+        return act
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)} or an nn.Module, got {act!r}")
+    return ACTIVATIONS[act]()
+
+
+class Experts(nn.Module):
+    """E expert MLPs stored stacked, run as batched GEMMs over ``[E, C, d]``.
+
+    Plain: ``act(h·w1 + b1)·w2 + b2``. Gated (Llama): ``(act(h·w_gate) * h·w_up)·w_down``.
+    Weights are ``[E, in, out]`` so that ``torch.baddbmm`` takes them as they are.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, gated: bool, activation="gelu",
+                 bias: bool = True, dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        self.gated = gated
+        kw = dict(device=device, dtype=dtype)
+        E = num_experts
+        if gated:
+            self.w_gate = nn.Parameter(torch.empty(E, d_model, d_hidden, **kw))
+            self.w_up = nn.Parameter(torch.empty(E, d_model, d_hidden, **kw))
+        else:
+            self.w1 = nn.Parameter(torch.empty(E, d_model, d_hidden, **kw))
+        self.w2 = nn.Parameter(torch.empty(E, d_hidden, d_model, **kw))
+        self.b1 = nn.Parameter(torch.zeros(E, 1, d_hidden, **kw)) if bias and not gated else None
+        self.b_up = nn.Parameter(torch.zeros(E, 1, d_hidden, **kw)) if bias and gated else None
+        self.b_gate = nn.Parameter(torch.zeros(E, 1, d_hidden, **kw)) if bias and gated else None
+        self.b2 = nn.Parameter(torch.zeros(E, 1, d_model, **kw)) if bias else None
+        self.act = _activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        with torch.no_grad():
+            for p in ([self.w_gate, self.w_up] if gated else [self.w1]) + [self.w2]:
+                nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
+
+    @staticmethod
+    def _mm(h, w, b):
+        return torch.bmm(h, w) if b is None else torch.baddbmm(b, h, w)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            a = self.act(self._mm(h, self.w_gate, self.b_gate)) * self._mm(h, self.w_up, self.b_up)
+        else:
+            a = self.act(self._mm(h, self.w1, self.b1))
+        return self.dropout(self._mm(a, self.w2, self.b2))
+
+
+class _MoEBase(nn.Module):
+    def __init__(self, d_model, d_hidden, num_experts, capacity_factor, gated, activation, bias, dropout,
+                 group_size, capacity_multiple, device, dtype, backend=None):
+        super().__init__()
+        self.backend = backend  # None/"auto", "triton" or "reference" (ops/backend.py)
+        if num_experts < 1:
+            raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor: expected > 0, got {capacity_factor}")
+        self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
+        self.capacity_factor, self.group_size, self.capacity_multiple = capacity_factor, group_size, capacity_multiple
+        # The router runs in fp32 whatever the experts' dtype, initialised N(0, 0.02).
+        self.router = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=torch.float32)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.experts = Experts(num_experts, d_model, d_hidden, gated, activation, bias, dropout, device, dtype)
+        self.aux_losses: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x: last dim must be d_model={self.d_model}, got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.d_model)
+        n = flat.shape[0]
+        logits = torch.nn.functional.linear(flat.float(), self.router.weight)
+        gates, token_idx = self._route(logits, self.group_size or n)  # defined by each subclass
+        self.aux_losses = self._aux(logits)
+        h = moe_dispatch(flat, token_idx, backend=self.backend)
+        out = self.experts(h.to(self.experts.w2.dtype))
+        y = moe_combine(out, token_idx, gates, n, backend=self.backend)
+        return y.to(x.dtype).reshape(x.shape)
+
+
+class ExpertChoiceMoE(_MoEBase):
+    """Expert-choice MoE (Zhou et al. 2022): every expert takes its top
+    ``capacity = ceil(capacity_factor · n / num_experts)`` tokens (per routing
+    group of ``group_size`` tokens if given), rounded up to a multiple of
+    ``capacity_multiple``. A token is processed by 0 to E experts; with
+    ``capacity_factor = num_experts`` every expert takes every token.
+
+    After each forward, ``aux_losses["z_loss"]`` holds the router z-loss.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, capacity_factor: float = 2.0,
+                 gated: bool = False, activation="gelu", bias: bool = True, dropout: float = 0.0,
+                 group_size: Optional[int] = None, capacity_multiple: int = 1, device=None, dtype=None,
+                 backend: Optional[str] = None):
+        super().__init__(d_model, d_hidden, num_experts, capacity_factor, gated, activation, bias, dropout,
+                         group_size, capacity_multiple, device, dtype, backend)
+
+    def capacity(self, n_group: int) -> int:
+        """Slots per expert and routing group; slots beyond the group's token
+        count stay empty."""
+        return capacity_from_factor(n_group, self.num_experts, self.capacity_factor, 1, self.capacity_multiple)
+
+    def _route(self, logits, n_group):
+        return expert_choice_route(logits, self.capacity(n_group), self.group_size)
+
+    def _aux(self, logits):
+        return {"z_loss": router_z_loss(logits)}
+
+
+class TopKMoE(_MoEBase):
+    """Token-choice top-K MoE with a capacity: each token goes to its ``top_k``
+    experts (probabilities renormalised over the K when ``normalize``); each
+    expert keeps at most ``capacity = ceil(capacity_factor · top_k · n / E)``
+    assignments, dropping the rest by position (all first choices before any
+    second choice, tokens in order). ``capacity_factor = E / top_k`` drops
+    nothing.
+
+    After each forward, ``aux_losses`` holds ``z_loss`` and
+    ``load_balancing_loss``.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2,
+                 capacity_factor: float = 1.25, gated: bool = True, activation="silu", bias: bool = False,
+                 dropout: float = 0.0, normalize: bool = True, group_size: Optional[int] = None,
+                 capacity_multiple: int = 1, device=None, dtype=None, backend: Optional[str] = None):
+        super().__init__(d_model, d_hidden, num_experts, capacity_factor, gated, activation, bias, dropout,
+                         group_size, capacity_multiple, device, dtype, backend)
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected in [1, {num_experts}], got {top_k}")
+        self.top_k, self.normalize = top_k, normalize
+
+    def capacity(self, n_group: int) -> int:
+        return capacity_from_factor(n_group, self.num_experts, self.capacity_factor, self.top_k,
+                                    self.capacity_multiple)
+
+    def _route(self, logits, n_group):
+        return topk_route(logits, self.top_k, self.capacity(n_group), self.group_size, self.normalize)
+
+    def _aux(self, logits):
+        return {"z_loss": router_z_loss(logits), "load_balancing_loss": load_balancing_loss(logits, self.top_k)}
+
+    @classmethod
+    def from_mixtral(cls, block: nn.Module, capacity_factor: Optional[float] = None) -> "TopKMoE":
+        """Convert a Hugging Face Mixtral sparse MoE block (transformers 4.x
+        ``experts`` ModuleList of w1/w2/w3, or 5.x fused ``gate_up_proj`` /
+        ``down_proj``). The default capacity factor, E / top_k, drops no token,
+        so the converted layer computes the block's function."""
+        gate = block.gate
+        router_w = gate.weight
+        E, d = router_w.shape
+        top_k = getattr(block, "top_k", None) or getattr(gate, "top_k")
+        experts = block.experts
+        if hasattr(experts, "gate_up_proj"):  # transformers >= 5: [E, 2F, d] and [E, d, F]
+            F_ = experts.gate_up_proj.shape[1] // 2
+            w_gate = experts.gate_up_proj[:, :F_, :].transpose(1, 2)
+            w_up = experts.gate_up_proj[:, F_:, :].transpose(1, 2)
+            w_down = experts.down_proj.transpose(1, 2)
+            act = experts.act_fn
+        else:  # transformers 4.x: ModuleList of (w1 gate, w3 up, w2 down) Linears
+            w_gate = torch.stack([e.w1.weight.t() for e in experts])
+            w_up = torch.stack([e.w3.weight.t() for e in experts])
+            w_down = torch.stack([e.w2.weight.t() for e in experts])
+            F_ = w_gate.shape[-1]
+            act = experts[0].act_fn
+        layer = cls(d, F_, E, top_k=top_k, capacity_factor=capacity_factor or E / top_k, gated=True,
+                    activation=act, bias=False, normalize=True, device=w_gate.device, dtype=w_gate.dtype)
+        with torch.no_grad():
+            layer.router.weight.copy_(router_w.float())
+            layer.experts.w_gate.copy_(w_gate)
+            layer.experts.w_up.copy_(w_up)
+            layer.experts.w2.copy_(w_down)
+        return layer
+
+
+# ---------------------------------------------------------------- upcycling
+def _dense_weights(mlp: nn.Module):
+    """(gated, activation, dropout p, weights as [in, out], biases) of a dense MLP.
+
+    Understands GPT-2's (c_fc, c_proj as Conv1D, act), Llama's (gate_proj,
+    up_proj, down_proj, act_fn), and fc1/fc2 with act/activation_fn (OPT, CLIP,
+    ViT-style) MLPs.
+    """
+    def lin(m):  # (weight [in, out], bias or None) of nn.Linear or HF Conv1D
+        if isinstance(m, nn.Linear):
+            return m.weight.t(), m.bias
+        if type(m).__name__ == "Conv1D":  # HF's transposed linear: weight is [in, out]
+            return m.weight, m.bias
+        raise ValueError(f"mlp: unsupported projection {type(m).__name__}")
+
+    p = 0.0
+    drop = getattr(mlp, "dropout", None)
+    if isinstance(drop, nn.Dropout):
+        p = drop.p
+    if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        return True, mlp.act_fn, p, [lin(mlp.gate_proj), lin(mlp.up_proj), lin(mlp.down_proj)]
+    if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
+        return False, mlp.act, p, [lin(mlp.c_fc), lin(mlp.c_proj)]
+    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
+        act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn", None)
+        if act is None:
+            raise ValueError("mlp: found fc1/fc2 but no act / activation_fn / act_fn")
+        return False, act, p, [lin(mlp.fc1), lin(mlp.fc2)]
+    raise ValueError(f"mlp: unsupported MLP {type(mlp).__name__} (expected GPT-2, Llama or fc1/fc2 style)")
+
+
+def upcycle_mlp(mlp: nn.Module, num_experts: int, router: str = "expert_choice", capacity_factor: float = 2.0,
+                top_k: int = 2, group_size: Optional[int] = None) -> nn.Module:
+    """Sparse upcycling (Komatsuzaki et al. 2022): an MoE layer whose
+    ``num_experts`` experts are copies of ``mlp``'s weights and whose router
+    is new (fp32, N(0, 0.02)). ``router``: ``"expert_choice"`` or ``"topk"``.
+
+    With expert choice and ``capacity_factor = num_experts`` every expert
+    takes every token, the gates of a token sum to 1, and the layer computes
+    exactly the dense MLP.
+    """
+    gated, act, p, weights = _dense_weights(mlp)
+    w_in = weights[0][0]
+    d_model, d_hidden = w_in.shape
+    bias = weights[-1][1] is not None
+    common = dict(gated=gated, activation=act, bias=bias, dropout=p, group_size=group_size, device=w_in.device,
+                  dtype=w_in.dtype)
+    if router == "expert_choice":
+        layer = ExpertChoiceMoE(d_model, d_hidden, num_experts, capacity_factor=capacity_factor, **common)
+    elif router == "topk":
+        layer = TopKMoE(d_model, d_hidden, num_experts, top_k=top_k, capacity_factor=capacity_factor, **common)
+    else:
+        raise ValueError(f"router: expected 'expert_choice' or 'topk', got {router!r}")
+    ex = layer.experts
+    with torch.no_grad():
+        if gated:
+            (wg, bg), (wu, bu), (wd, bd) = weights
+            targets = [(ex.w_gate, wg, ex.b_gate, bg), (ex.w_up, wu, ex.b_up, bu), (ex.w2, wd, ex.b2, bd)]
+        else:
+            (w1, b1), (w2, b2) = weights
+            targets = [(ex.w1, w1, ex.b1, b1), (ex.w2, w2, ex.b2, b2)]
+        for w_dst, w_src, b_dst, b_src in targets:
+            w_dst.copy_(w_src.detach().expand_as(w_dst))
+            if b_dst is not None:
+                b_dst.copy_(b_src.detach().reshape(1, 1, -1).expand_as(b_dst))
+    return layer.train(mlp.training)  # an eval-mode model stays in eval mode (dropout off)
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a Hugging Face model (GPT-2's ``h``, Llama's
+    ``layers``, or the first ModuleList whose entries have an ``mlp``)."""
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m):
+            return m
+    raise ValueError("model: found no list of blocks with an .mlp attribute")
+
+
+def upcycle_model(model: nn.Module, num_experts: int, layers: Union[str, list] = "every_other",
+                  **kwargs) -> list[int]:
+    """Replace the MLP blocks of a Hugging Face model by upcycled MoE layers,
+    in place. ``layers``: ``"every_other"`` (blocks 1, 3, 5, ..., as in the
+    paper), ``"last:L"`` (the last L blocks), ``"all"``, or a list of block
+    indices. Other keyword arguments go to :func:`upcycle_mlp`. Returns the
+    indices replaced."""
+    blocks = _blocks(model)
+    n = len(blocks)
+    if layers == "every_other":
+        chosen = list(range(1, n, 2))
+    elif layers == "all":
+        chosen = list(range(n))
+    elif isinstance(layers, str) and re.fullmatch(r"last:\d+", layers):
+        L = int(layers.split(":")[1])
+        chosen = list(range(max(0, n - L), n))
+    elif isinstance(layers, (list, tuple)) and all(isinstance(i, int) and -n <= i < n for i in layers):
+        chosen = sorted({i % n for i in layers})
+    else:
+        raise ValueError(f"layers: expected 'every_other', 'all', 'last:L' or block indices < {n}, got {layers!r}")
+    for i in chosen:
+        blocks[i].mlp = upcycle_mlp(blocks[i].mlp, num_experts, **kwargs)
+    return chosen
