@@ -7,10 +7,13 @@ Public API:
 * ``LoRALinear``: drop-in ``nn.Linear`` with a LoRA adapter (merge/unmerge,
   PEFT-compatible parameter names).
 * ``LoRALinearFunction``: the autograd Function under ``lora_linear``.
+* ``apply_lora`` / ``save_adapter`` / ``load_adapter``: LoRA on a whole
+  model, in PEFT's adapter file format.
 * MoE: ``expert_choice_route``, ``topk_route``, ``moe_dispatch``,
   ``moe_combine``, the layers ``ExpertChoiceMoE`` and ``TopKMoE``, and sparse
   upcycling with ``upcycle_mlp`` / ``upcycle_model``.
 """
+from .ops.adapters import apply_lora, load_adapter, save_adapter
 from .ops.layers import LoRALinear
 from .ops.lora import LoRALinearFunction, lora_linear
 from .ops.moe import (MoECombineFunction, MoEDispatchFunction, capacity_from_factor, expert_choice_route,
@@ -18,7 +21,7 @@ from .ops.moe import (MoECombineFunction, MoEDispatchFunction, capacity_from_fac
 from .ops.moe_layers import ExpertChoiceMoE, TopKMoE, upcycle_mlp, upcycle_model
 
 __version__ = "0.1.0"
-__all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "expert_choice_route", "topk_route",
+__all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "apply_lora", "save_adapter", "load_adapter", "expert_choice_route", "topk_route",
            "capacity_from_factor", "router_z_loss", "load_balancing_loss", "moe_dispatch", "moe_combine",
            "MoEDispatchFunction", "MoECombineFunction", "ExpertChoiceMoE", "TopKMoE", "upcycle_mlp",
            "upcycle_model", "__version__"]
