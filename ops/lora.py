@@ -18,7 +18,7 @@ from ..autotune import cache as tuning
 from ..autotune import configs as cfgs
 from ..kernels.lora import _lora_grad_kernel, _lora_matmul_kernel, _lora_shrink_kernel
 from . import reference as ref
-from .backend import check_backend, compute_capability, device_info, num_sms, use_triton
+from .backend import call_op, check_backend, compute_capability, device_info, num_sms, use_triton
 
 MAX_RANK = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -202,19 +202,6 @@ def _(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), dbias
 
 
-def _dispatch(op, impl, *args):
-    """The registered op while torch.compile traces (an opaque node with a fake
-    implementation); the same implementation called directly in eager mode.
-
-    Why: on the H100 host, the eager dispatch of a Python custom op cost about
-    0.5 ms of CPU per call, more than the kernels of a K=N=4096 layer take
-    on the GPU, which made the training step launch-bound.
-    """
-    if torch.compiler.is_compiling():
-        return op(*args)
-    return impl(*args)
-
-
 # ---------------------------------------------------------------- autograd
 class LoRALinearFunction(torch.autograd.Function):
     """y = x·W0ᵀ + scale·(drop(x)·Aᵀ)·Bᵀ + bias. W0 gets no gradient.
@@ -226,7 +213,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = _dispatch(lora_fwd, _lora_fwd_impl, x2d, weight, lora_a, lora_b, bias, scale,
+        y, t = call_op(lora_fwd, _lora_fwd_impl, x2d, weight, lora_a, lora_b, bias, scale,
                          dropout_p, seed, backend)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, t, seed)
         ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
@@ -239,7 +226,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d, weight, lora_a, lora_b, t, seed = ctx.saved_tensors
         needs_dx = ctx.needs_input_grad[0]
         needs_dbias = ctx.needs_input_grad[4]
-        dx, da, db, dbias = _dispatch(
+        dx, da, db, dbias = call_op(
             lora_bwd, _lora_bwd_impl, dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_a, lora_b, t,
             ctx.scale, ctx.dropout_p, seed, needs_dx, needs_dbias, ctx.backend)
         return (dx.reshape(ctx.x_shape) if needs_dx else None, None, da, db,

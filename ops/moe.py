@@ -21,7 +21,7 @@ from ..autotune import cache as tuning
 from ..autotune import configs as cfgs
 from ..kernels.moe import _moe_gather_kernel, _moe_segment_sum_kernel
 from . import reference as ref
-from .backend import check_backend, device_info, use_triton
+from .backend import call_op, check_backend, device_info, use_triton
 
 
 # ---------------------------------------------------------------- routing
@@ -258,12 +258,6 @@ def _(dy, expert_out, token_idx, gates, backend):
     return expert_out.new_empty(expert_out.shape), gates.new_empty(gates.shape, dtype=torch.float32)
 
 
-def _call(op, impl, *args):
-    # The registered op while torch.compile traces, the implementation itself
-    # in eager mode (see ops/lora.py: the eager dispatcher costs host time).
-    return op(*args) if torch.compiler.is_compiling() else impl(*args)
-
-
 # ---------------------------------------------------------------- autograd
 class MoEDispatchFunction(torch.autograd.Function):
     """[E, C, d] = x[token_idx] (zero rows for empty slots). Backward: the
@@ -273,12 +267,12 @@ class MoEDispatchFunction(torch.autograd.Function):
     def forward(ctx, x, token_idx, backend):
         ctx.save_for_backward(token_idx)
         ctx.num_tokens, ctx.backend = x.shape[0], backend
-        return _call(moe_dispatch_op, _dispatch_fwd_impl, x, token_idx, backend)
+        return call_op(moe_dispatch_op, _dispatch_fwd_impl, x, token_idx, backend)
 
     @staticmethod
     def backward(ctx, dout):
         (token_idx,) = ctx.saved_tensors
-        dx = _call(moe_segment_sum_op, _segment_sum_impl, dout, token_idx, None, ctx.num_tokens, ctx.backend)
+        dx = call_op(moe_segment_sum_op, _segment_sum_impl, dout, token_idx, None, ctx.num_tokens, ctx.backend)
         return dx, None, None
 
 
@@ -291,12 +285,12 @@ class MoECombineFunction(torch.autograd.Function):
     def forward(ctx, expert_out, token_idx, gates, num_tokens, backend):
         ctx.save_for_backward(expert_out, token_idx, gates)
         ctx.backend = backend
-        return _call(moe_segment_sum_op, _segment_sum_impl, expert_out, token_idx, gates, num_tokens, backend)
+        return call_op(moe_segment_sum_op, _segment_sum_impl, expert_out, token_idx, gates, num_tokens, backend)
 
     @staticmethod
     def backward(ctx, dy):
         expert_out, token_idx, gates = ctx.saved_tensors
-        dout, dgates = _call(moe_combine_bwd_op, _combine_bwd_impl, dy, expert_out, token_idx, gates, ctx.backend)
+        dout, dgates = call_op(moe_combine_bwd_op, _combine_bwd_impl, dy, expert_out, token_idx, gates, ctx.backend)
         return dout, None, dgates.to(gates.dtype), None, None
 
 
