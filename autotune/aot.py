@@ -54,6 +54,14 @@ def _variants(kernel: str, dtype: str, index: int):
         ones = {"stride_gp", "stride_tr", "stride_or"} if fwd else {"stride_gp", "stride_tr", "stride_op"}
         return ({"g_ptr": d, "t_ptr": "*fp32", "o_ptr": "*fp32", "seed_ptr": "*i32"},
                 {"HAS_DROPOUT": fwd}, ones, plain | {"stride_tm"} | ({"stride_op"} if fwd else set()))
+    if kernel == "mlora_shrink":
+        return ({"x_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "a_ptr": _PTR[adapter], "rank_ptr": "*i32",
+                 "t_ptr": "*fp32"}, {"BLOCK_R": 16}, {"stride_xk", "stride_ak", "stride_tr"}, {"M", "stride_tm"})
+    if kernel == "mlora_matmul":
+        return ({"x_ptr": d, "w_ptr": d, "bias_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "t_ptr": "*fp32",
+                 "b_ptr": _PTR[adapter], "rank_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": d},
+                {"HAS_BIAS": fwd, "BLOCK_R": 16}, {"stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"},
+                {"M", "stride_tm", "stride_bn"})
     if kernel == "moe_gather":
         # Forward layout: dispatch (no scale, no dot); backward: combine's (both).
         return ({"src_ptr": d, "idx_ptr": "*i64", "scale_ptr": "*fp32", "other_ptr": d, "out_ptr": d,
@@ -65,9 +73,10 @@ def _variants(kernel: str, dtype: str, index: int):
 
 
 def _kernel_fn(kernel: str):
-    from ..kernels import lora, moe
+    from ..kernels import lora, moe, multi_lora
     return {"lora_matmul": lora._lora_matmul_kernel, "lora_shrink": lora._lora_shrink_kernel,
-            "lora_grad": lora._lora_grad_kernel, "moe_gather": moe._moe_gather_kernel,
+            "lora_grad": lora._lora_grad_kernel, "mlora_shrink": multi_lora._mlora_shrink_kernel,
+            "mlora_matmul": multi_lora._mlora_matmul_kernel, "moe_gather": moe._moe_gather_kernel,
             "moe_segment_sum": moe._moe_segment_sum_kernel}[kernel]
 
 

@@ -81,8 +81,10 @@ def _valid_configs(kernel: str, key: str, cc: int) -> set:
     dtype = key.split("|", 1)[0]
     if dtype not in C.DTYPES:
         return set()
-    if kernel == "lora_matmul":
+    if kernel in ("lora_matmul", "mlora_matmul"):
         return set(C.prune_lora_matmul(C.lora_matmul_space(dtype), dtype, cc))
+    if kernel == "mlora_shrink":
+        return set(C.mlora_shrink_space(dtype))
     if kernel == "moe_gather":
         return set(C.moe_gather_space())
     if kernel == "moe_segment_sum":

@@ -231,6 +231,22 @@ def default_moe_segment_sum(D: int, on_gpu: bool) -> Config:
     return moe_segment_sum_space()[0] if D >= 1024 else moe_segment_sum_space()[1]
 
 
+# ---------------------------------------------------------------- multi-adapter LoRA
+def mlora_shrink_space(dtype_name: str) -> list[Config]:
+    """t[j, :r_a] = A_a·x[perm[j]] per adapter run: memory-bound. (The fused
+    matmul of multi-LoRA uses the lora_matmul space.)"""
+    if dtype_name == "float32":
+        return _space([(32, 32, 4, 2)], ("BLOCK_M", "BLOCK_K"))
+    return _space([(16, 128, 4, 3), (64, 64, 4, 3)], ("BLOCK_M", "BLOCK_K"))
+
+
+@functools.lru_cache(maxsize=4096)
+def default_mlora_shrink(M: int, dtype_name: str, cc: int | None) -> Config:
+    if cc is None:
+        return Config.make(BLOCK_M=16, BLOCK_K=32, num_warps=2, num_stages=1)
+    return mlora_shrink_space(dtype_name)[0]
+
+
 RANK_BLOCKS = (16, 32, 64, 128, 256)
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -245,6 +261,9 @@ def all_spaces(cc: int) -> dict[str, list[tuple]]:
         "lora_grad": [(c, d, br) for d, br in itertools.product(DTYPES, RANK_BLOCKS)
                       for c in prune_lora_grad(lora_grad_space(d), br, d, cc)],
         # Row copies: no dot, little shared memory; every config fits every target.
+        "mlora_shrink": [(c, d, None) for d in DTYPES for c in mlora_shrink_space(d)],
+        "mlora_matmul": [(c, d, None) for d in DTYPES
+                         for c in prune_lora_matmul(lora_matmul_space(d), d, cc)],
         "moe_gather": [(c, d, None) for d in DTYPES for c in moe_gather_space()],
         "moe_segment_sum": [(c, d, None) for d in DTYPES for c in moe_segment_sum_space()],
     }

@@ -132,3 +132,21 @@ def moe_onehot_masks(token_idx: torch.Tensor, gates: torch.Tensor, num_tokens: i
     onehot = onehot * (token_idx >= 0)[..., None]
     dispatch = onehot.permute(2, 0, 1)
     return dispatch, dispatch * gates[None].to(dispatch.dtype)
+
+
+# ---------------------------------------------------------------- multi-adapter LoRA
+def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids):
+    """Per-row loop over adapters: y[i] = x[i]·Wᵀ + s_a·B_a[:, :r_a](A_a[:r_a]·x[i]) (+ bias),
+    a = adapter_ids[i], -1 = none. fp32 math, y in x's dtype. x is [M, K]."""
+    xf = x.float()
+    y = xf @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    for a in adapter_ids.unique().tolist():
+        if a < 0:
+            continue
+        r = int(ranks[a])
+        rows = adapter_ids == a
+        t = xf[rows] @ lora_a[a, :r].float().t()
+        y[rows] += float(scales[a]) * (t @ lora_b[a, :, :r].float().t())
+    return y.to(x.dtype)

@@ -1,0 +1,101 @@
+"""Batched multi-adapter LoRA kernels against a per-row reference loop, over
+odd shapes: mixed ranks 1 to 64, -1 rows, every row on one adapter, every row
+on a different one, a single token; argument checks and the torch.library op."""
+import pytest
+import torch
+
+import posttrain_kernels as pk
+from posttrain_kernels.ops import reference as ref
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+RANKS = [1, 64, 0, 17, 8, 33, 16]  # slot 2 empty
+
+
+def _pool(S, N, K, R, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.tensor(RANKS[:S], dtype=torch.int32)
+    A = torch.randn(S, R, K, generator=g) / K ** 0.5
+    B = torch.randn(S, N, R, generator=g) / 4
+    for s, r in enumerate(ranks.tolist()):  # padding beyond each rank is garbage the kernel must not read
+        A[s, r:] = float("nan")
+        B[s, :, r:] = float("nan")
+    return A.to(device, dtype), B.to(device, dtype), ranks.to(device), torch.rand(S, generator=g).to(device)
+
+
+def _ids(kind, M, S, device):
+    g = torch.Generator().manual_seed(3)
+    if kind == "mixed":
+        ids = torch.randint(-1, S, (M,), generator=g)
+        ids[ids == 2] = 1  # slot 2 is empty: point its rows elsewhere
+    elif kind == "one-adapter":
+        ids = torch.full((M,), 3)
+    elif kind == "all-different":
+        ids = torch.tensor([s for s in range(S) if s != 2][:M])
+    elif kind == "none":
+        ids = torch.full((M,), -1)
+    return ids.to(device)
+
+
+CASES = [
+    pytest.param(37, 40, 33, "mixed", id="M37-K40-N33-mixed"),
+    pytest.param(70, 97, 80, "mixed", id="M70-K97-N80-mixed"),  # several tiles and K steps
+    pytest.param(29, 48, 24, "one-adapter", id="every-row-one-adapter"),
+    pytest.param(6, 40, 33, "all-different", id="every-row-different"),
+    pytest.param(1, 40, 33, "mixed", id="single-token"),
+    pytest.param(9, 40, 33, "none", id="no-adapter-rows"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,K,N,kind", CASES)
+def test_against_per_row_loop(M, K, N, kind, dtype, device):
+    S, R = 7, 64
+    A, B, ranks, scales = _pool(S, N, K, R, dtype, device)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    w = (torch.randn(N, K, generator=torch.Generator().manual_seed(2)) / K ** 0.5).to(device, dtype)
+    bias = torch.randn(N, device=device).to(dtype)
+    ids = _ids(kind, M, S, device)
+    y = pk.multi_lora_linear(x, w, A, B, ranks, scales, ids, bias)
+    want = ref.multi_lora_linear_ref(x.double(), w.double(), bias.double(), A.double(), B.double(), ranks, scales, ids)
+    lowp = ref.multi_lora_linear_ref(x, w, bias, A, B, ranks, scales, ids)
+    err = (y.double() - want).abs().max().item()
+    bound = 2 * (lowp.double() - want).abs().max().item() + (1e-5 if dtype == torch.float32 else 2e-3) * max(
+        1.0, want.abs().max().item())
+    assert torch.isfinite(y).all(), "y: non-finite values"
+    assert err <= bound, f"y: max error {err:.3e} > {bound:.3e}"
+
+
+def test_leading_dims_and_per_row_ids(device):
+    S, R, K, N = 7, 64, 32, 24
+    A, B, ranks, scales = _pool(S, N, K, R, torch.float32, device)
+    x = torch.randn(3, 5, K, device=device)
+    w = torch.randn(N, K, device=device)
+    ids = torch.tensor([[0, 0, 0, 0, 0], [-1, -1, -1, -1, -1], [5, 5, 5, 5, 5]], device=device)
+    y = pk.multi_lora_linear(x, w, A, B, ranks, scales, ids)
+    for b in range(3):
+        want = ref.multi_lora_linear_ref(x[b], w, None, A, B, ranks, scales, ids[b])
+        torch.testing.assert_close(y[b], want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("mutate,text", [
+    (lambda a: dict(a, ranks=a["ranks"].long()), "^ranks"),
+    (lambda a: dict(a, adapter_ids=a["adapter_ids"][:-1]), "^adapter_ids"),
+    (lambda a: dict(a, lora_b=a["lora_b"][:, :-1]), "^lora_b"),
+    (lambda a: dict(a, x=a["x"][:, :-1]), "^x"),
+])
+def test_bad_arguments(mutate, text, device):
+    A, B, ranks, scales = _pool(7, 24, 32, 64, torch.float32, device)
+    args = dict(x=torch.randn(4, 32, device=device), weight=torch.randn(24, 32, device=device), lora_a=A,
+                lora_b=B, ranks=ranks, scales=scales, adapter_ids=torch.zeros(4, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match=text):
+        pk.multi_lora_linear(**mutate(args))
+
+
+def test_opcheck(device):
+    A, B, ranks, scales = _pool(7, 24, 32, 64, torch.float32, device)
+    A, B = A.nan_to_num(), B.nan_to_num()
+    x, w = torch.randn(9, 32, device=device), torch.randn(24, 32, device=device)
+    ids = torch.tensor([0, 1, -1, 3, 3, 6, 0, 4, 5], device=device)
+    torch.library.opcheck(torch.ops.posttrain_kernels.multi_lora_linear.default,
+                          (x, w, None, A, B, ranks, scales, ids, "auto"))
