@@ -56,12 +56,13 @@ def _variants(kernel: str, dtype: str, index: int):
                 {"HAS_DROPOUT": fwd}, ones, plain | {"stride_tm"} | ({"stride_op"} if fwd else set()))
     if kernel == "mlora_shrink":
         return ({"x_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "a_ptr": _PTR[adapter], "rank_ptr": "*i32",
-                 "t_ptr": "*fp32"}, {"BLOCK_R": 16}, {"stride_xk", "stride_ak", "stride_tr"}, {"M", "stride_tm"})
+                 "t_ptr": "*fp32"}, {"BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3}, {"stride_xk", "stride_ak", "stride_tr"},
+                {"M", "stride_tm", "R_MAX", "SLOTS"})
     if kernel == "mlora_matmul":
         return ({"x_ptr": d, "w_ptr": d, "bias_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "t_ptr": "*fp32",
-                 "b_ptr": _PTR[adapter], "rank_ptr": "*i32", "scale_ptr": "*fp32", "y_ptr": d},
-                {"HAS_BIAS": fwd, "BLOCK_R": 16}, {"stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"},
-                {"M", "stride_tm", "stride_bn"})
+                 "b_ptr": _PTR[adapter], "rank_ptr": "*i32", "scale_ptr": "*fp32", "bounds_ptr": "*i32", "y_ptr": d},
+                {"HAS_BIAS": fwd, "BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3}, {"stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"},
+                {"M", "stride_tm", "stride_bn", "R_MAX", "SLOTS"})
     if kernel == "moe_gather":
         # Forward layout: dispatch (no scale, no dot); backward: combine's (both).
         return ({"src_ptr": d, "idx_ptr": "*i64", "scale_ptr": "*fp32", "other_ptr": d, "out_ptr": d,

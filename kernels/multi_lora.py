@@ -28,16 +28,18 @@ def _mlora_shrink_kernel(
     x_ptr,  # [M, K]  tokens, original order
     perm_ptr,  # [M] int64  sorted position -> original row
     sid_ptr,  # [M] int64  slot of each sorted row, ascending; -1 = no adapter
-    a_ptr,  # [SLOTS, R_MAX, K]  down projections
-    rank_ptr,  # [SLOTS] int32  rank of each slot (0 = empty)
-    t_ptr,  # [M, R_MAX] fp32  low-rank activations, sorted order
-    M, K,
+    a_ptr,  # [SLOTS, NUM_SLICES·R_MAX, K]  down projections, slice i at rows i·R_MAX
+    rank_ptr,  # [NUM_SLICES, SLOTS] int32  rank of each slice of each slot (0 = empty)
+    t_ptr,  # [M, NUM_SLICES·R_MAX] fp32  low-rank activations, sorted order
+    M, K, R_MAX, SLOTS,
     stride_xm, stride_xk,
     stride_as, stride_ar, stride_ak,
     stride_tm, stride_tr,
+    NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """t[j, :r_a] = A_a · x[perm[j]] for each sorted row j with slot a ≥ 0.
+    """t[j, i·R_MAX + :r_ai] = A_a,i · x[perm[j]] for each sorted row j with
+    slot a ≥ 0 and each output slice i.
 
     Grid: (cdiv(M, BLOCK_M),). Each adapter of the tile reads its A once per
     tile (the decode case: many adapters, few tokens each)."""
@@ -55,20 +57,22 @@ def _mlora_shrink_kernel(
     a = _next_adapter(sid, valid, -1)
     while a < _NO_ADAPTER:
         in_run = valid & (sid == a)
-        r_a = tl.load(rank_ptr + a)
-        for r0 in range(0, r_a, BLOCK_R):
-            mask_r = (r0 + offs_r) < r_a
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                mask_k = (k0 + offs_k) < K
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                            mask=in_run[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(a_ptr + a.to(tl.int64) * stride_as + (r0 + offs_r)[None, :] * stride_ar
-                            + (k0 + offs_k)[:, None] * stride_ak,
-                            mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-                acc = mma(x, w.to(x.dtype), acc)
-            tl.store(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr, acc,
-                     mask=in_run[:, None] & mask_r[None, :])
+        for i in tl.static_range(NUM_SLICES):
+            r_a = tl.load(rank_ptr + i * SLOTS + a)
+            for r0 in range(0, r_a, BLOCK_R):
+                mask_r = (r0 + offs_r) < r_a
+                r_cols = i * R_MAX + r0 + offs_r
+                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    mask_k = (k0 + offs_k) < K
+                    x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                                mask=in_run[:, None] & mask_k[None, :], other=0.0)
+                    w = tl.load(a_ptr + a.to(tl.int64) * stride_as + r_cols[None, :] * stride_ar
+                                + (k0 + offs_k)[:, None] * stride_ak,
+                                mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                    acc = mma(x, w.to(x.dtype), acc)
+                tl.store(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm + r_cols[None, :] * stride_tr, acc,
+                         mask=in_run[:, None] & mask_r[None, :])
         a = _next_adapter(sid, valid, a)
 
 
@@ -79,21 +83,25 @@ def _mlora_matmul_kernel(
     bias_ptr,  # [N]  read only when HAS_BIAS
     perm_ptr,  # [M] int64  sorted position -> original row
     sid_ptr,  # [M] int64  slot of each sorted row, ascending; -1 = no adapter
-    t_ptr,  # [M, R_MAX] fp32  low-rank activations, sorted order
-    b_ptr,  # [SLOTS, N, R_MAX]  up projections
-    rank_ptr,  # [SLOTS] int32
-    scale_ptr,  # [SLOTS] fp32
+    t_ptr,  # [M, NUM_SLICES·R_MAX] fp32  low-rank activations, sorted order
+    b_ptr,  # [SLOTS, N, R_MAX]  up projections; row n belongs to the slice holding column n
+    rank_ptr,  # [NUM_SLICES, SLOTS] int32
+    scale_ptr,  # [NUM_SLICES, SLOTS] fp32
+    bounds_ptr,  # [NUM_SLICES + 1] int32  first column of each slice, then N
     y_ptr,  # [M, N]  output, original order
-    M, N, K,
+    M, N, K, R_MAX, SLOTS,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_tm, stride_tr,
     stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[perm[j]] = x[perm[j]]·Wᵀ + Σ_runs s_a·t[j, :r_a]·B_a[:, :r_a]ᵀ + bias.
+    """y[perm[j]] = x[perm[j]]·Wᵀ + Σ_runs Σ_slices s_a,i·t[j, slice i, :r_ai]·B_a[slice i cols, :r_ai]ᵀ + bias.
+
+    Output slices (fused q/k/v, GQA widths) share x and the launch; a tile
+    that straddles a slice boundary handles each slice it holds.
 
     Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),). The base GEMM and every
     adapter's expand land in one fp32 accumulator; y is written once, to the
@@ -136,15 +144,22 @@ def _mlora_matmul_kernel(
     a = _next_adapter(sid, valid, -1)
     while a < _NO_ADAPTER:
         in_run = valid & (sid == a)
-        r_a = tl.load(rank_ptr + a)
-        s_a = tl.load(scale_ptr + a)
-        for r0 in range(0, r_a, BLOCK_R):
-            mask_r = (r0 + offs_r) < r_a
-            t = tl.load(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
-                        mask=in_run[:, None] & mask_r[None, :], other=0.0)
-            u = tl.load(b_ptr + a.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
-                        + (r0 + offs_r)[:, None] * stride_br, mask=mask_r[:, None], other=0.0)
-            acc = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), acc)
+        for i in tl.static_range(NUM_SLICES):
+            lo = tl.load(bounds_ptr + i)
+            hi = tl.load(bounds_ptr + i + 1)
+            in_slice = (offs_n >= lo) & (offs_n < hi)
+            # A slice outside this tile's columns costs nothing: its rank loop is skipped.
+            r_a = tl.where(tl.max(in_slice.to(tl.int32), axis=0) > 0, tl.load(rank_ptr + i * SLOTS + a), 0)
+            s_a = tl.load(scale_ptr + i * SLOTS + a)
+            for r0 in range(0, r_a, BLOCK_R):
+                mask_r = (r0 + offs_r) < r_a
+                t = tl.load(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm
+                            + (i * R_MAX + r0 + offs_r)[None, :] * stride_tr,
+                            mask=in_run[:, None] & mask_r[None, :], other=0.0)
+                u = tl.load(b_ptr + a.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
+                            + (r0 + offs_r)[:, None] * stride_br, mask=mask_r[:, None] & in_slice[None, :],
+                            other=0.0)
+                acc = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), acc)
         a = _next_adapter(sid, valid, a)
 
     # ---- epilogue

@@ -29,48 +29,68 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids) -> Tensor:
+_BOUNDS: dict = {}
+
+
+def _bounds(widths: tuple, device: torch.device) -> Tensor:
+    """Slice boundaries on the device, made once per (widths, device): a
+    host-to-device copy inside a CUDA-graph capture would not be allowed."""
+    key = (widths, str(device))
+    if key not in _BOUNDS:
+        edges = [0]
+        for w in widths:
+            edges.append(edges[-1] + w)
+        _BOUNDS[key] = torch.tensor(edges, dtype=torch.int32, device=device)
+    return _BOUNDS[key]
+
+
+def _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices) -> Tensor:
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
+    S, R = lora_b.shape[0], lora_b.shape[2]
+    widths = tuple(slices) if slices else (N,)
     sid, perm = torch.sort(adapter_ids.to(torch.int64), stable=True)
-    t = torch.empty((M, lora_a.shape[1]), device=x.device, dtype=torch.float32)
+    t = torch.empty((M, len(widths) * R), device=x.device, dtype=torch.float32)
     dn, cc, info = _dtype_name(x.dtype), compute_capability(x.device), device_info(x.device)
     scfg = tuning.select_memo("mlora_shrink", dn, {"K": K, "M": M}, info,
                               lambda: cfgs.default_mlora_shrink(M, dn, cc))
     _mlora_shrink_kernel[(-(-M // scfg["BLOCK_M"]),)](
-        x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=lora_a, rank_ptr=ranks, t_ptr=t, M=M, K=K,
+        x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=lora_a, rank_ptr=ranks, t_ptr=t, M=M, K=K, R_MAX=R, SLOTS=S,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_as=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
-        stride_tm=t.stride(0), stride_tr=t.stride(1), BLOCK_R=BLOCK_R, **scfg.launch_kwargs())
+        stride_tm=t.stride(0), stride_tr=t.stride(1), NUM_SLICES=len(widths), BLOCK_R=BLOCK_R,
+        **scfg.launch_kwargs())
     mcfg = tuning.select_memo("mlora_matmul", dn, {"N": N, "K": K, "M": M}, info,
                               lambda: cfgs.default_lora_matmul(M, N, K, dn, cc))
     grid = (-(-M // mcfg["BLOCK_M"]) * -(-N // mcfg["BLOCK_N"]),)
     _mlora_matmul_kernel[grid](
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, perm_ptr=perm, sid_ptr=sid, t_ptr=t,
-        b_ptr=lora_b, rank_ptr=ranks, scale_ptr=scales, y_ptr=y, M=M, N=N, K=K,
+        b_ptr=lora_b, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=_bounds(widths, x.device), y_ptr=y,
+        M=M, N=N, K=K, R_MAX=R, SLOTS=S,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_tm=t.stride(0), stride_tr=t.stride(1),
         stride_bs=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
-        stride_ym=y.stride(0), stride_yn=y.stride(1), HAS_BIAS=bias is not None, BLOCK_R=BLOCK_R,
-        **{k: v for k, v in mcfg.launch_kwargs().items()})
+        stride_ym=y.stride(0), stride_yn=y.stride(1), HAS_BIAS=bias is not None, NUM_SLICES=len(widths),
+        BLOCK_R=BLOCK_R, **mcfg.launch_kwargs())
     return y
 
 
 def _multi_lora_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                     ranks: Tensor, scales: Tensor, adapter_ids: Tensor, backend: str) -> Tensor:
+                     ranks: Tensor, scales: Tensor, adapter_ids: Tensor, slices: Optional[list[int]],
+                     backend: str) -> Tensor:
     if use_triton(x.device, backend):
-        return _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids)
-    return ref.multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids)
+        return _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
+    return ref.multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
 
 
 multi_lora_op = torch.library.custom_op("posttrain_kernels::multi_lora_linear", mutates_args=())(_multi_lora_impl)
 
 
 @multi_lora_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, backend):
+def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -80,12 +100,20 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
-                      adapter_ids: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+                      adapter_ids: Tensor, bias: Optional[Tensor] = None, slices: Optional[list[int]] = None, *,
+                      backend: Optional[str] = None) -> Tensor:
     """``y[i] = x[i]·weightᵀ + scales[a]·lora_b[a, :, :r_a]·(lora_a[a, :r_a]·x[i]) (+ bias)``
     with ``a = adapter_ids[i]`` (-1: no adapter) and ``r_a = ranks[a]``.
 
     ``x [..., K]``; ``adapter_ids`` has one entry per token (``x.shape[:-1]``
     flattened). Pool shapes as in this module's doc. Inference only.
+
+    ``slices``: output widths of fused projections sharing x (fused q/k/v,
+    e.g. ``[4096, 1024, 1024]`` with GQA), each with its own adapter: then
+    ``lora_a`` is ``[SLOTS, len(slices)·R_MAX, K]`` (slice i at rows
+    ``i·R_MAX``), ``lora_b`` ``[SLOTS, N, R_MAX]`` (row n belongs to the slice
+    of column n), ``ranks`` / ``scales`` ``[len(slices), SLOTS]``. One launch
+    for all slices.
     """
     for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         _check(isinstance(v, Tensor) and v.is_floating_point(), name, "expected a floating-point tensor")
@@ -93,14 +121,22 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     N, K = weight.shape
     _check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
     _check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
-    _check(lora_a.dim() == 3 and lora_a.shape[2] == K, "lora_a",
-           f"expected [slots, max_rank, {K}], got shape {tuple(lora_a.shape)}")
-    S, R = lora_a.shape[:2]
-    _check(tuple(lora_b.shape) == (S, N, R), "lora_b", f"expected {(S, N, R)}, got shape {tuple(lora_b.shape)}")
-    _check(tuple(ranks.shape) == (S,) and ranks.dtype == torch.int32, "ranks",
-           f"expected int32 [{S}], got {ranks.dtype} {tuple(ranks.shape)}")
-    _check(tuple(scales.shape) == (S,) and scales.dtype == torch.float32, "scales",
-           f"expected float32 [{S}], got {scales.dtype} {tuple(scales.shape)}")
+    n_sl = 1
+    if slices is not None:
+        slices = [int(w) for w in slices]
+        n_sl = len(slices)
+        _check(n_sl >= 1 and all(w > 0 for w in slices) and sum(slices) == N, "slices",
+               f"expected positive widths summing to out_features={N}, got {slices}")
+    _check(lora_b.dim() == 3 and lora_b.shape[1] == N, "lora_b",
+           f"expected [slots, {N}, max_rank], got shape {tuple(lora_b.shape)}")
+    S, R = lora_b.shape[0], lora_b.shape[2]
+    _check(tuple(lora_a.shape) == (S, n_sl * R, K), "lora_a",
+           f"expected {(S, n_sl * R, K)}, got shape {tuple(lora_a.shape)}")
+    rs_shape = (S,) if slices is None else (n_sl, S)
+    _check(tuple(ranks.shape) == rs_shape and ranks.dtype == torch.int32, "ranks",
+           f"expected int32 {list(rs_shape)}, got {ranks.dtype} {tuple(ranks.shape)}")
+    _check(tuple(scales.shape) == rs_shape and scales.dtype == torch.float32, "scales",
+           f"expected float32 {list(rs_shape)}, got {scales.dtype} {tuple(scales.shape)}")
     M = x.numel() // K
     _check(adapter_ids.numel() == M and not adapter_ids.is_floating_point(), "adapter_ids",
            f"expected {M} integer ids (one per token), got {adapter_ids.dtype} {tuple(adapter_ids.shape)}")
@@ -112,5 +148,5 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
             _check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
     x2d = x.reshape(-1, K)
     y = call_op(multi_lora_op, _multi_lora_impl, x2d, weight, bias, lora_a, lora_b, ranks, scales,
-                adapter_ids.reshape(-1), check_backend(backend))
+                adapter_ids.reshape(-1), slices, check_backend(backend))
     return y.reshape(*x.shape[:-1], N)

@@ -135,18 +135,27 @@ def moe_onehot_masks(token_idx: torch.Tensor, gates: torch.Tensor, num_tokens: i
 
 
 # ---------------------------------------------------------------- multi-adapter LoRA
-def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids):
+def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None):
     """Per-row loop over adapters: y[i] = x[i]·Wᵀ + s_a·B_a[:, :r_a](A_a[:r_a]·x[i]) (+ bias),
-    a = adapter_ids[i], -1 = none. fp32 math, y in x's dtype. x is [M, K]."""
-    xf = x.float()
-    y = xf @ weight.float().t()
+    a = adapter_ids[i], -1 = none; with ``slices`` (output widths) each slice
+    has its own A (rows i·R_MAX of lora_a), rank and scale ([slices, slots]).
+    fp32 math (fp64 for fp64 inputs), y in x's dtype. x is [M, K]."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    y = xf @ weight.to(acc).t()
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
+    R = lora_b.shape[2]
+    widths = list(slices) if slices is not None else [weight.shape[0]]
+    ranks2, scales2 = ranks.reshape(len(widths), -1), scales.reshape(len(widths), -1)
     for a in adapter_ids.unique().tolist():
         if a < 0:
             continue
-        r = int(ranks[a])
         rows = adapter_ids == a
-        t = xf[rows] @ lora_a[a, :r].float().t()
-        y[rows] += float(scales[a]) * (t @ lora_b[a, :, :r].float().t())
+        lo = 0
+        for i, width in enumerate(widths):
+            r = int(ranks2[i, a])
+            t = xf[rows] @ lora_a[a, i * R:i * R + r].to(acc).t()
+            y[rows, lo:lo + width] += float(scales2[i, a]) * (t @ lora_b[a, lo:lo + width, :r].to(acc).t())
+            lo += width
     return y.to(x.dtype)

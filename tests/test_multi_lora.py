@@ -98,4 +98,64 @@ def test_opcheck(device):
     x, w = torch.randn(9, 32, device=device), torch.randn(24, 32, device=device)
     ids = torch.tensor([0, 1, -1, 3, 3, 6, 0, 4, 5], device=device)
     torch.library.opcheck(torch.ops.posttrain_kernels.multi_lora_linear.default,
-                          (x, w, None, A, B, ranks, scales, ids, "auto"))
+                          (x, w, None, A, B, ranks, scales, ids, None, "auto"))
+    sl_a = torch.randn(7, 3 * 64, 32, device=device)
+    sl_rs = ranks.repeat(3, 1)
+    torch.library.opcheck(torch.ops.posttrain_kernels.multi_lora_linear.default,
+                          (x, w, None, sl_a, B, sl_rs, scales.repeat(3, 1), ids, [8, 8, 8], "auto"))
+
+
+@pytest.mark.parametrize("widths", [[40, 16, 16], [33, 7, 9]], ids=["gqa-q40-kv16", "odd-widths"])
+def test_fused_slices_equal_separate_projections(widths, device):
+    """Fused q/k/v (GQA: k and v narrower than q): one launch over the slices
+    equals one single-slice call per projection, each with its own adapter."""
+    S, R, K, M = 5, 32, 48, 23
+    N = sum(widths)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, K, generator=g).to(device)
+    w = torch.randn(N, K, generator=g).to(device)
+    bias = torch.randn(N, generator=g).to(device)
+    A = torch.randn(S, len(widths) * R, K, generator=g).to(device)
+    B = torch.randn(S, N, R, generator=g).to(device)
+    ranks = torch.randint(1, R + 1, (len(widths), S), generator=g).to(device, torch.int32)
+    ranks[1, 2] = 0  # slot 2 has no k adapter
+    scales = torch.rand(len(widths), S, generator=g).to(device)
+    ids = torch.randint(-1, S, (M,), generator=g).to(device)
+    y = pk.multi_lora_linear(x, w, A, B, ranks, scales, ids, bias, slices=widths)
+    lo = 0
+    for i, width in enumerate(widths):
+        part = pk.multi_lora_linear(x, w[lo:lo + width], A[:, i * R:(i + 1) * R], B[:, lo:lo + width].contiguous(),
+                                    ranks[i].contiguous(), scales[i].contiguous(), ids, bias[lo:lo + width])
+        torch.testing.assert_close(y[:, lo:lo + width], part, rtol=1e-5, atol=1e-4, msg=lambda m: f"slice {i}: {m}")
+        lo += width
+    want = ref.multi_lora_linear_ref(x, w, bias, A, B, ranks, scales, ids, widths)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="^slices"):
+        pk.multi_lora_linear(x, w, A, B, ranks, scales, ids, slices=[N, 1])  # widths must sum to N
+
+
+def test_fused_qkv_layer_equals_three_layers(device):
+    """MultiLoRALinear with slices: a fused q/k/v projection serves each
+    slice's own adapter, as three separate layers would."""
+    torch.manual_seed(0)
+    widths, K = [32, 16, 16], 24
+    q, k, v = (torch.nn.Linear(K, w, device=device) for w in widths)
+    fused_lin = torch.nn.Linear(K, sum(widths), device=device)
+    with torch.no_grad():
+        fused_lin.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+        fused_lin.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+    fused = pk.MultiLoRALinear.from_linear(fused_lin, max_adapters=3, max_rank=8, slices=widths)
+    parts = [pk.MultiLoRALinear.from_linear(m, max_adapters=3, max_rank=8) for m in (q, k, v)]
+    for slot in range(3):
+        for i, (part, w) in enumerate(zip(parts, widths)):
+            r = 1 + (slot + i) % 8
+            a, b = torch.randn(r, K, device=device), torch.randn(w, r, device=device)
+            part.set_slot(slot, a, b, 0.5 + slot)
+            fused.set_slot(slot, a, b, 0.5 + slot, slice_index=i)
+    x = torch.randn(2, 5, K, device=device)
+    ids = torch.tensor([2, -1], device=device)
+    for layer in [fused] + parts:
+        layer.adapter_ids = ids
+    torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), rtol=1e-5, atol=1e-4)
+    fused.clear_slot(2)
+    assert (fused.ranks[:, 2] == 0).all()
