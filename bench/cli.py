@@ -1,6 +1,6 @@
 """``posttrain-kernels``: the benchmark / self-check and tuning command.
 
-    posttrain-kernels bench [lora|moe|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
+    posttrain-kernels bench [lora|multi-lora|moe|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
                             [--json F] [--csv F] [--md F] [--plot F.png]
     posttrain-kernels tune [--preset llama-3-8b] [--shape K,N] [--tokens 8192] [--rank 16] [--output F]
 
@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-BENCHES = ("lora", "moe")
+BENCHES = ("lora", "multi-lora", "moe")
 # Relative error (norm-wise, fwd and every gradient) allowed per dtype.
 TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
 
@@ -83,6 +83,10 @@ def main(argv=None) -> int:
         if which == "lora":
             shapes = lora.SMOKE_SHAPES if smoke else lora.GPU_SHAPES[:1] if args.quick else lora.GPU_SHAPES
             results += lora.run(shapes, timer, providers=providers, modes=modes, peaks=peaks)
+        if which == "multi-lora":
+            from . import multi_lora
+            results += multi_lora.run(multi_lora.SMOKE_SHAPES if smoke else multi_lora.GPU_SHAPES, timer, peaks)
+            results += multi_lora.serving(timer, smoke)
         if which == "moe":
             from . import moe
             results += moe.run_dc(moe.SMOKE_DC if smoke else moe.GPU_DC, timer, peaks)
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
         print(f"CHECK FAILED: {r.bench} {r.shape}: relative error {r.rel_err:.2e}", file=sys.stderr)
     if not bad:
         print(f"\nself-check passed: {len({(r.bench, r.shape) for r in results})} shapes, every checked output "
-              f"(LoRA: forward and every gradient; MoE: forward) within tolerance of the reference")
+              f"(LoRA: forward and every gradient; multi-LoRA, MoE: forward) within tolerance of the reference")
     return 1 if bad else 0
 
 

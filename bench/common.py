@@ -25,6 +25,7 @@ class Result:
     vs: dict  # provider -> this time / that time
     rel_err: float | None = None
     roofline_pct: float | None = None  # floor (measured peaks) / median, in %
+    tokens_per_s: float | None = None  # serving benchmarks
 
 
 class Timer:
@@ -88,6 +89,15 @@ def markdown(results: list[Result]) -> str:
     for (bench, shape, mode), rows in groups.items():
         lines.append(f"\n**{bench} {mode}** — {shape}\n")
         cols = [r.provider for r in rows if r.provider != "ours"]  # every baseline of the group
+        if any(r.tokens_per_s is not None for r in rows):
+            lines.append("| provider | median ms | p20–p80 ms | tokens/s | "
+                         + " | ".join(f"time / {b}" for b in cols) + " |")
+            lines.append("|---|---:|---:|---:|" + "---:|" * len(cols))
+            for r in rows:
+                ratios = " | ".join(f"{r.vs[b]:.3f}x" if b in r.vs else "1.000x" for b in cols)
+                lines.append(f"| {r.provider} | {r.ms:.4f} | {r.p20_ms:.4f}–{r.p80_ms:.4f} | {r.tokens_per_s:,.0f} | "
+                             f"{ratios} |")
+            continue
         lines.append("| provider | median ms | p20–p80 ms | TFLOP/s | GB/s (min bytes) | % of roofline | "
                      + " | ".join(f"time / {b}" for b in cols) + " | rel. err |")
         lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|")

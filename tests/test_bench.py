@@ -51,3 +51,28 @@ def test_peft_provider_computes_the_same_layer(device):
     x, w, a, b, bias, _ = inputs
     got = lora.provider_fn("peft", "fwd", shape, inputs)()
     torch.testing.assert_close(got, lora.eager_lora(x, w, a, b, 2.0, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_multi_lora_and_moe_smoke(device):
+    from posttrain_kernels.bench import moe, multi_lora
+    timer = common.Timer(device, cpu_reps=1)
+    rows = multi_lora.run(multi_lora.SMOKE_SHAPES[:1], timer) + multi_lora.serving(timer, smoke=True)
+    ours = [r for r in rows if r.provider == "ours" and r.rel_err is not None]
+    assert ours and all(r.rel_err < 1e-5 for r in ours)
+    assert any(r.tokens_per_s for r in rows) and "tokens/s" in common.markdown(rows)
+    rows = moe.run_dc(moe.SMOKE_DC, timer) + moe.run_layer(moe.SMOKE_LAYER, timer)
+    assert {r.provider for r in rows} == {"index", "onehot", "ours", "eager"}
+    assert all(r.rel_err < 1e-5 for r in rows if r.rel_err is not None)
+
+
+def test_peft_mixed_batch_provider_matches_ours(device):
+    pytest.importorskip("peft")
+    from posttrain_kernels.bench import multi_lora
+    s = multi_lora.SMOKE_SHAPES[0]
+    x, w, A, B, ranks, scales, req = multi_lora.make_pool(s, device)
+    pm = multi_lora._peft_model(w, A, B)
+    with torch.no_grad():
+        got = pm(x, adapter_names=[f"t{a}" for a in req.tolist()])
+    ids = req[:, None].expand(x.shape[0], x.shape[1]).reshape(-1)
+    torch.testing.assert_close(got, pk.multi_lora_linear(x, w, A, B, ranks, scales, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(multi_lora._loop(x, w, A, B, scales, req), got, rtol=1e-5, atol=1e-5)
