@@ -49,14 +49,11 @@ class Case:
     reference: torch.Tensor  # fp32
 
 
-def _dn(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def lora_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: torch.device, cc: int) -> list[Case]:
     """The six launches of one LoRA linear fwd+bwd, with fp32 references."""
     from ..ops import lora as L
-    dn = _dn(dtype)
+    from ..ops.common import dtype_name
+    dn = dtype_name(dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
     x, dy = rnd(M, K), rnd(M, N)

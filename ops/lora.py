@@ -18,20 +18,17 @@ from ..autotune import cache as tuning
 from ..autotune import configs as cfgs
 from ..kernels.lora import _lora_grad_kernel, _lora_matmul_kernel, _lora_shrink_kernel
 from . import reference as ref
+from .common import cdiv, check, dtype_name
 from .backend import call_op, check_backend, compute_capability, device_info, num_sms, use_triton
 
 MAX_RANK = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _config(kernel: str, device: torch.device, dtype: torch.dtype, default, **dims):
     """Pinned, tuned (user cache, then shipped) or heuristic config; see
     autotune/cache.py for the order. ``dims`` form the cache key."""
-    return tuning.select_memo(kernel, _dtype_name(dtype), dims, device_info(device), default)
+    return tuning.select_memo(kernel, dtype_name(dtype), dims, device_info(device), default)
 
 
 # ---------------------------------------------------------------- launchers
@@ -48,10 +45,10 @@ def lora_shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0,
         return t
     block_r = cfgs.rank_block(R)
     cfg = _config("lora_shrink", x.device, x.dtype,
-                  lambda: cfgs.default_lora_shrink(M, K, block_r, _dtype_name(x.dtype), compute_capability(x.device)),
+                  lambda: cfgs.default_lora_shrink(M, K, block_r, dtype_name(x.dtype), compute_capability(x.device)),
                   K=K, R=R, layout="a" if a.stride(1) == 1 else "aT", M=M)
     has_dropout = dropout_p > 0.0
-    _lora_shrink_kernel[(triton_cdiv(M, cfg["BLOCK_M"]),)](
+    _lora_shrink_kernel[(cdiv(M, cfg["BLOCK_M"]),)](
         x_ptr=x, a_ptr=a, t_ptr=t, seed_ptr=seed if has_dropout else t,
         M=M, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
@@ -73,10 +70,10 @@ def lora_matmul(x: Tensor, w: Tensor, t: Tensor, u: Tensor, bias: Optional[Tenso
     if M == 0:
         return y
     cfg = _config("lora_matmul", x.device, x.dtype,
-                  lambda: cfgs.default_lora_matmul(M, N, K, _dtype_name(x.dtype), compute_capability(x.device)),
+                  lambda: cfgs.default_lora_matmul(M, N, K, dtype_name(x.dtype), compute_capability(x.device)),
                   N=N, K=K, layout="w" if w.stride(1) == 1 else "wT", M=M)
     has_dropout = dropout_p > 0.0
-    grid = (triton_cdiv(M, cfg["BLOCK_M"]) * triton_cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _lora_matmul_kernel[grid](
         x_ptr=x, w_ptr=w, t_ptr=t, u_ptr=u,
         bias_ptr=bias if bias is not None else y, y_ptr=y,
@@ -104,17 +101,17 @@ def lora_grad(g: Tensor, t: Tensor, scale: float, dropout_p: float = 0.0,
     R = t.shape[1]
     block_r = cfgs.rank_block(R)
     cfg = _config("lora_grad", g.device, g.dtype,
-                  lambda: cfgs.default_lora_grad(M, P, block_r, _dtype_name(g.dtype), compute_capability(g.device)),
+                  lambda: cfgs.default_lora_grad(M, P, block_r, dtype_name(g.dtype), compute_capability(g.device)),
                   P=P, R=R, layout="oT" if transpose_out else "o", M=M)
     block_m, block_p = cfg["BLOCK_M"], cfg["BLOCK_P"]
     # Split M so that the grid fills the machine about twice; every split
     # owns a whole number of BLOCK_M rows. The split count depends only on
     # the shape and the device, so the summation order is fixed.
-    p_blocks = triton_cdiv(P, block_p)
-    m_blocks = max(1, triton_cdiv(M, block_m))
-    split = max(1, min(m_blocks, triton_cdiv(2 * num_sms(g.device), p_blocks)))
-    rows_per_split = triton_cdiv(m_blocks, split) * block_m
-    split = max(1, triton_cdiv(M, rows_per_split))
+    p_blocks = cdiv(P, block_p)
+    m_blocks = max(1, cdiv(M, block_m))
+    split = max(1, min(m_blocks, cdiv(2 * num_sms(g.device), p_blocks)))
+    rows_per_split = cdiv(m_blocks, split) * block_m
+    split = max(1, cdiv(M, rows_per_split))
     if transpose_out:
         partial = torch.empty((split, R, P), device=g.device, dtype=torch.float32)
         stride_op, stride_or = partial.stride(2), partial.stride(1)
@@ -133,10 +130,6 @@ def lora_grad(g: Tensor, t: Tensor, scale: float, dropout_p: float = 0.0,
     )
     # Fixed-order sum over the splits (no atomics anywhere): bitwise reproducible.
     return partial[0] if split == 1 else partial.sum(0)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
@@ -234,38 +227,33 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- functional
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
-
-
 def check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
     """Raise ValueError naming the bad argument, before any kernel runs."""
     for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        _check(isinstance(v, Tensor), name, f"expected a Tensor, got {type(v).__name__}")
-        _check(v.dtype in FLOAT_DTYPES, name, f"dtype must be float16, bfloat16 or float32, got {v.dtype}")
-    _check(x.dim() >= 1, "x", "must have at least one dimension [..., in_features]")
-    _check(weight.dim() == 2, "weight", f"expected [out_features, in_features], got shape {tuple(weight.shape)}")
+        check(isinstance(v, Tensor), name, f"expected a Tensor, got {type(v).__name__}")
+        check(v.dtype in FLOAT_DTYPES, name, f"dtype must be float16, bfloat16 or float32, got {v.dtype}")
+    check(x.dim() >= 1, "x", "must have at least one dimension [..., in_features]")
+    check(weight.dim() == 2, "weight", f"expected [out_features, in_features], got shape {tuple(weight.shape)}")
     N, K = weight.shape
-    _check(K >= 1 and N >= 1, "weight", f"needs at least one in- and out-feature, got shape {tuple(weight.shape)}")
-    _check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
-    _check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
-    _check(lora_a.dim() == 2 and lora_a.shape[1] == K, "lora_a",
+    check(K >= 1 and N >= 1, "weight", f"needs at least one in- and out-feature, got shape {tuple(weight.shape)}")
+    check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
+    check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
+    check(lora_a.dim() == 2 and lora_a.shape[1] == K, "lora_a",
            f"expected [r, in_features={K}], got shape {tuple(lora_a.shape)}")
     R = lora_a.shape[0]
-    _check(1 <= R <= MAX_RANK, "lora_a", f"rank r = lora_a.shape[0] must be in [1, {MAX_RANK}], got {R}")
-    _check(tuple(lora_b.shape) == (N, R), "lora_b",
+    check(1 <= R <= MAX_RANK, "lora_a", f"rank r = lora_a.shape[0] must be in [1, {MAX_RANK}], got {R}")
+    check(tuple(lora_b.shape) == (N, R), "lora_b",
            f"expected [out_features={N}, r={R}], got shape {tuple(lora_b.shape)}")
     if bias is not None:
-        _check(isinstance(bias, Tensor), "bias", f"expected a Tensor or None, got {type(bias).__name__}")
-        _check(tuple(bias.shape) == (N,), "bias", f"expected [out_features={N}], got shape {tuple(bias.shape)}")
-        _check(bias.dtype in FLOAT_DTYPES, "bias", f"dtype must be floating, got {bias.dtype}")
+        check(isinstance(bias, Tensor), "bias", f"expected a Tensor or None, got {type(bias).__name__}")
+        check(tuple(bias.shape) == (N,), "bias", f"expected [out_features={N}], got shape {tuple(bias.shape)}")
+        check(bias.dtype in FLOAT_DTYPES, "bias", f"dtype must be floating, got {bias.dtype}")
     for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if v is not None:
-            _check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
-    _check(isinstance(scale, (int, float)) and math.isfinite(scale), "scale",
+            check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
+    check(isinstance(scale, (int, float)) and math.isfinite(scale), "scale",
            f"expected a finite float, got {scale!r}")
-    _check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0, "dropout_p",
+    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0, "dropout_p",
            f"must be in [0, 1), got {dropout_p!r}")
 
 

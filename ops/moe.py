@@ -21,6 +21,7 @@ from ..autotune import cache as tuning
 from ..autotune import configs as cfgs
 from ..kernels.moe import _moe_gather_kernel, _moe_segment_sum_kernel
 from . import reference as ref
+from .common import cdiv, dtype_name
 from .backend import call_op, check_backend, device_info, use_triton
 
 
@@ -159,7 +160,7 @@ def inverse_index(token_idx: Tensor, num_tokens: int):
 
 # ---------------------------------------------------------------- launchers
 def _pick(kernel: str, device: torch.device, dtype: torch.dtype, D: int, default):
-    return tuning.select_memo(kernel, str(dtype).removeprefix("torch."), {"D": D}, device_info(device), default)
+    return tuning.select_memo(kernel, dtype_name(dtype), {"D": D}, device_info(device), default)
 
 
 def moe_gather(src: Tensor, idx: Tensor, scale: Optional[Tensor] = None, other: Optional[Tensor] = None,
@@ -172,7 +173,7 @@ def moe_gather(src: Tensor, idx: Tensor, scale: Optional[Tensor] = None, other: 
     if S == 0:
         return out, dot
     cfg = _pick("moe_gather", src.device, src.dtype, D, lambda: cfgs.default_moe_gather(D, src.device.type == "cuda"))
-    _moe_gather_kernel[(-(-S // cfg["BLOCK_S"]),)](
+    _moe_gather_kernel[(cdiv(S, cfg["BLOCK_S"]),)](
         src_ptr=src, idx_ptr=idx, scale_ptr=scale if scale is not None else out,
         other_ptr=other if other is not None else out, out_ptr=out, dot_ptr=dot if dot is not None else out,
         S=S, D=D, stride_src=src.stride(0), stride_other=other.stride(0) if other is not None else 0,
@@ -189,7 +190,7 @@ def moe_segment_sum(src: Tensor, order: Tensor, offsets: Tensor, gates: Optional
         return out
     cfg = _pick("moe_segment_sum", src.device, src.dtype, D,
                 lambda: cfgs.default_moe_segment_sum(D, src.device.type == "cuda"))
-    _moe_segment_sum_kernel[(num_tokens, -(-D // cfg["BLOCK_D"]))](
+    _moe_segment_sum_kernel[(num_tokens, cdiv(D, cfg["BLOCK_D"]))](
         src_ptr=src, order_ptr=order, offsets_ptr=offsets, gate_ptr=gates if gates is not None else src,
         out_ptr=out, n=num_tokens, D=D, stride_src=src.stride(0), stride_out=out.stride(0),
         HAS_GATES=gates is not None, **cfg.launch_kwargs())

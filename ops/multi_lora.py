@@ -20,13 +20,10 @@ from ..autotune import cache as tuning
 from ..autotune import configs as cfgs
 from ..kernels.multi_lora import _mlora_matmul_kernel, _mlora_shrink_kernel
 from . import reference as ref
+from .common import cdiv, check, dtype_name
 from .backend import call_op, check_backend, compute_capability, device_info, use_triton
 
 BLOCK_R = 16  # rank step of both kernels: the tl.dot minimum
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 _BOUNDS: dict = {}
@@ -54,10 +51,10 @@ def _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
     widths = tuple(slices) if slices else (N,)
     sid, perm = torch.sort(adapter_ids.to(torch.int64), stable=True)
     t = torch.empty((M, len(widths) * R), device=x.device, dtype=torch.float32)
-    dn, cc, info = _dtype_name(x.dtype), compute_capability(x.device), device_info(x.device)
+    dn, cc, info = dtype_name(x.dtype), compute_capability(x.device), device_info(x.device)
     scfg = tuning.select_memo("mlora_shrink", dn, {"K": K, "M": M}, info,
                               lambda: cfgs.default_mlora_shrink(M, dn, cc))
-    _mlora_shrink_kernel[(-(-M // scfg["BLOCK_M"]),)](
+    _mlora_shrink_kernel[(cdiv(M, scfg["BLOCK_M"]),)](
         x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=lora_a, rank_ptr=ranks, t_ptr=t, M=M, K=K, R_MAX=R, SLOTS=S,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_as=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
@@ -65,7 +62,7 @@ def _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
         **scfg.launch_kwargs())
     mcfg = tuning.select_memo("mlora_matmul", dn, {"N": N, "K": K, "M": M}, info,
                               lambda: cfgs.default_lora_matmul(M, N, K, dn, cc))
-    grid = (-(-M // mcfg["BLOCK_M"]) * -(-N // mcfg["BLOCK_N"]),)
+    grid = (cdiv(M, mcfg["BLOCK_M"]) * cdiv(N, mcfg["BLOCK_N"]),)
     _mlora_matmul_kernel[grid](
         x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, perm_ptr=perm, sid_ptr=sid, t_ptr=t,
         b_ptr=lora_b, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=_bounds(widths, x.device), y_ptr=y,
@@ -94,11 +91,6 @@ def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backe
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
-
-
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
                       adapter_ids: Tensor, bias: Optional[Tensor] = None, slices: Optional[list[int]] = None, *,
                       backend: Optional[str] = None) -> Tensor:
@@ -116,36 +108,36 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     for all slices.
     """
     for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        _check(isinstance(v, Tensor) and v.is_floating_point(), name, "expected a floating-point tensor")
-    _check(weight.dim() == 2, "weight", f"expected [out, in], got shape {tuple(weight.shape)}")
+        check(isinstance(v, Tensor) and v.is_floating_point(), name, "expected a floating-point tensor")
+    check(weight.dim() == 2, "weight", f"expected [out, in], got shape {tuple(weight.shape)}")
     N, K = weight.shape
-    _check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
-    _check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
+    check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
+    check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
     n_sl = 1
     if slices is not None:
         slices = [int(w) for w in slices]
         n_sl = len(slices)
-        _check(n_sl >= 1 and all(w > 0 for w in slices) and sum(slices) == N, "slices",
+        check(n_sl >= 1 and all(w > 0 for w in slices) and sum(slices) == N, "slices",
                f"expected positive widths summing to out_features={N}, got {slices}")
-    _check(lora_b.dim() == 3 and lora_b.shape[1] == N, "lora_b",
+    check(lora_b.dim() == 3 and lora_b.shape[1] == N, "lora_b",
            f"expected [slots, {N}, max_rank], got shape {tuple(lora_b.shape)}")
     S, R = lora_b.shape[0], lora_b.shape[2]
-    _check(tuple(lora_a.shape) == (S, n_sl * R, K), "lora_a",
+    check(tuple(lora_a.shape) == (S, n_sl * R, K), "lora_a",
            f"expected {(S, n_sl * R, K)}, got shape {tuple(lora_a.shape)}")
     rs_shape = (S,) if slices is None else (n_sl, S)
-    _check(tuple(ranks.shape) == rs_shape and ranks.dtype == torch.int32, "ranks",
+    check(tuple(ranks.shape) == rs_shape and ranks.dtype == torch.int32, "ranks",
            f"expected int32 {list(rs_shape)}, got {ranks.dtype} {tuple(ranks.shape)}")
-    _check(tuple(scales.shape) == rs_shape and scales.dtype == torch.float32, "scales",
+    check(tuple(scales.shape) == rs_shape and scales.dtype == torch.float32, "scales",
            f"expected float32 {list(rs_shape)}, got {scales.dtype} {tuple(scales.shape)}")
     M = x.numel() // K
-    _check(adapter_ids.numel() == M and not adapter_ids.is_floating_point(), "adapter_ids",
+    check(adapter_ids.numel() == M and not adapter_ids.is_floating_point(), "adapter_ids",
            f"expected {M} integer ids (one per token), got {adapter_ids.dtype} {tuple(adapter_ids.shape)}")
     if bias is not None:
-        _check(tuple(bias.shape) == (N,), "bias", f"expected [{N}], got shape {tuple(bias.shape)}")
+        check(tuple(bias.shape) == (N,), "bias", f"expected [{N}], got shape {tuple(bias.shape)}")
     for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("ranks", ranks),
                     ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
         if v is not None:
-            _check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
+            check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
     x2d = x.reshape(-1, K)
     y = call_op(multi_lora_op, _multi_lora_impl, x2d, weight, bias, lora_a, lora_b, ranks, scales,
                 adapter_ids.reshape(-1), slices, check_backend(backend))
