@@ -15,7 +15,7 @@ Three kernels cover forward and backward:
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, mma
+from .common import dropout_keep, grouped_pid, mma
 
 
 @triton.jit
@@ -101,15 +101,7 @@ def _lora_matmul_kernel(
     """
     # ---- program ids: grouped ordering so that GROUP_M row blocks share
     # their weight tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # ---- pointers. Rows and columns wrap modulo M and N so the loads need
     # no mask there; only the store is masked.

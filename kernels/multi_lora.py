@@ -12,7 +12,7 @@ next multiple of 16, the ``tl.dot`` minimum).
 import triton
 import triton.language as tl
 
-from .common import mma
+from .common import grouped_pid, mma
 
 _NO_ADAPTER = tl.constexpr(2 ** 30)  # larger than any slot id
 
@@ -107,15 +107,7 @@ def _mlora_matmul_kernel(
     adapter's expand land in one fp32 accumulator; y is written once, to the
     rows' original positions (a permutation: no two programs write a row)."""
     # ---- program ids: grouped ordering, as the single-adapter kernel
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # ---- sorted rows -> original rows (gathered loads, scattered store)
     offs_j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
