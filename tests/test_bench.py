@@ -76,3 +76,11 @@ def test_peft_mixed_batch_provider_matches_ours(device):
     ids = req[:, None].expand(x.shape[0], x.shape[1]).reshape(-1)
     torch.testing.assert_close(got, pk.multi_lora_linear(x, w, A, B, ranks, scales, ids), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(multi_lora._loop(x, w, A, B, scales, req), got, rtol=1e-5, atol=1e-5)
+
+
+def test_host_overhead_tool_runs_and_restores():
+    from posttrain_kernels.bench import host_overhead
+    from posttrain_kernels.ops import lora as L
+    before = L._lora_matmul_kernel
+    assert host_overhead.measure(reps=5, rounds=1) > 0
+    assert L._lora_matmul_kernel is before, "the stubs must be removed again"
