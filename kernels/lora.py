@@ -15,7 +15,7 @@ Three kernels cover forward and backward:
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, grouped_pid, mma
+from .common import dropout_keep, gemm_tile, grouped_pid, mma
 
 
 @triton.jit
@@ -114,18 +114,7 @@ def _lora_matmul_kernel(
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
 
     # ---- main loop: x·wᵀ
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:  # no mask: lets the loads be plain 16-byte vectors
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            mask_k = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-        acc = mma(x, w, acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = gemm_tile(x_ptrs, w_ptrs, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
     # ---- low-rank term: R more reduction steps (R ≤ 256, usually 1 step).
     # scale is folded into t before the cast, so the term lands in acc

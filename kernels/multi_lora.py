@@ -12,7 +12,7 @@ next multiple of 16, the ``tl.dot`` minimum).
 import triton
 import triton.language as tl
 
-from .common import grouped_pid, mma
+from .common import gemm_tile, grouped_pid, mma
 
 _NO_ADAPTER = tl.constexpr(2 ** 30)  # larger than any slot id
 
@@ -119,17 +119,10 @@ def _mlora_matmul_kernel(
     cols = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
 
-    # ---- base GEMM
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # ---- base GEMM (K masked: no even-K specialisation here)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
-        acc = mma(x, w, acc)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = gemm_tile(x_ptrs, w_ptrs, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, False)
 
     # ---- expand: every adapter run of the tile, up to its own rank
     offs_r = tl.arange(0, BLOCK_R)
