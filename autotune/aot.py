@@ -54,15 +54,29 @@ def _variants(kernel: str, dtype: str, index: int):
         ones = {"stride_gp", "stride_tr", "stride_or"} if fwd else {"stride_gp", "stride_tr", "stride_op"}
         return ({"g_ptr": d, "t_ptr": "*fp32", "o_ptr": "*fp32", "seed_ptr": "*i32"},
                 {"HAS_DROPOUT": fwd}, ones, plain | {"stride_tm"} | ({"stride_op"} if fwd else set()))
+    # Multi-LoRA: even configs compile the forward layout with one slice (pool
+    # adapters fp32), odd ones the backward layout (transposed adapter reads,
+    # three sliced projections, adapters in the compute dtype).
     if kernel == "mlora_shrink":
         return ({"x_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "a_ptr": _PTR[adapter], "rank_ptr": "*i32",
-                 "t_ptr": "*fp32"}, {"BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3}, {"stride_xk", "stride_ak", "stride_tr"},
-                {"M", "stride_tm", "R_MAX", "SLOTS"})
+                 "kb_ptr": "*i32", "t_ptr": "*fp32"},
+                {"BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3, "SLICED_K": not fwd},
+                {"stride_xk", "stride_ak", "stride_tr"} if fwd else {"stride_xk", "stride_ar", "stride_tr"},
+                {"M", "stride_tm", "R_MAX", "SLOTS", "stride_a_slice"})
     if kernel == "mlora_matmul":
         return ({"x_ptr": d, "w_ptr": d, "bias_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "t_ptr": "*fp32",
                  "b_ptr": _PTR[adapter], "rank_ptr": "*i32", "scale_ptr": "*fp32", "bounds_ptr": "*i32", "y_ptr": d},
-                {"HAS_BIAS": fwd, "BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3}, {"stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"},
-                {"M", "stride_tm", "stride_bn", "R_MAX", "SLOTS"})
+                {"HAS_BIAS": fwd, "BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3, "SLICE_COLS": fwd},
+                ({"stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"} if fwd
+                 else {"stride_xk", "stride_wn", "stride_tr", "stride_bn", "stride_yn"}),
+                {"M", "stride_tm", "stride_bn", "R_MAX", "SLOTS", "stride_b_slice"})
+    if kernel == "mlora_grad":
+        # Forward layout here = dA (o rows along R, slices stacked); backward = dB (o read transposed).
+        return ({"p_ptr": "*fp32", "q_ptr": d, "perm_ptr": "*i64", "seg_ptr": "*i64", "rank_ptr": "*i32",
+                 "scale_ptr": "*fp32", "bounds_ptr": "*i32", "o_ptr": "*fp32"},
+                {"NUM_SLICES": 1 if fwd else 3, "SLICE_COLS": not fwd},
+                {"stride_pr", "stride_qd", "stride_od"} if fwd else {"stride_pr", "stride_qd", "stride_or"},
+                {"M", "stride_pm", "R_MAX", "SLOTS", "stride_o_slice"})
     if kernel == "moe_gather":
         # Forward layout: dispatch (no scale, no dot); backward: combine's (both).
         return ({"src_ptr": d, "idx_ptr": "*i64", "scale_ptr": "*fp32", "other_ptr": d, "out_ptr": d,
@@ -77,7 +91,8 @@ def _kernel_fn(kernel: str):
     from ..kernels import lora, moe, multi_lora
     return {"lora_matmul": lora._lora_matmul_kernel, "lora_shrink": lora._lora_shrink_kernel,
             "lora_grad": lora._lora_grad_kernel, "mlora_shrink": multi_lora._mlora_shrink_kernel,
-            "mlora_matmul": multi_lora._mlora_matmul_kernel, "moe_gather": moe._moe_gather_kernel,
+            "mlora_matmul": multi_lora._mlora_matmul_kernel, "mlora_grad": multi_lora._mlora_grad_kernel,
+            "moe_gather": moe._moe_gather_kernel,
             "moe_segment_sum": moe._moe_segment_sum_kernel}[kernel]
 
 

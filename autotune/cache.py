@@ -85,6 +85,8 @@ def _valid_configs(kernel: str, key: str, cc: int) -> set:
         return set(C.prune_lora_matmul(C.lora_matmul_space(dtype), dtype, cc))
     if kernel == "mlora_shrink":
         return set(C.mlora_shrink_space(dtype))
+    if kernel == "mlora_grad":
+        return set(C.prune_mlora_grad(C.mlora_grad_space(dtype), dtype, cc))
     if kernel == "moe_gather":
         return set(C.moe_gather_space())
     if kernel == "moe_segment_sum":

@@ -247,6 +247,35 @@ def default_mlora_shrink(M: int, dtype_name: str, cc: int | None) -> Config:
     return mlora_shrink_space(dtype_name)[0]
 
 
+def mlora_grad_space(dtype_name: str) -> list[Config]:
+    """dA / dB of multi-LoRA: one [BLOCK_R, BLOCK_D] tile of one adapter's
+    gradient per program, summed over its rows in BLOCK_M steps. Ranks above
+    64 take several rank blocks (a grid dimension)."""
+    names = ("BLOCK_M", "BLOCK_D", "BLOCK_R")
+    if dtype_name == "float32":
+        return _space([(32, 32, 16, 4, 2), (32, 32, 32, 4, 2), (32, 64, 64, 4, 2)], names)
+    return _space([(64, 64, 16, 4, 3), (64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 8, 3)], names)
+
+
+def mlora_grad_smem(cfg: Config, dtype_name: str) -> int:
+    return cfg.num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_D"] * _itemsize(dtype_name) + cfg["BLOCK_R"] * _ADAPTER_BYTES)
+
+
+def prune_mlora_grad(cfgs: Iterable[Config], dtype_name: str, cc: int) -> list[Config]:
+    budget = SMEM_BYTES.get(cc, SMEM_BYTES[80])
+    return [c for c in cfgs if min(c["BLOCK_M"], c["BLOCK_D"], c["BLOCK_R"]) >= 16
+            and mlora_grad_smem(c, dtype_name) <= budget]
+
+
+@functools.lru_cache(maxsize=4096)
+def default_mlora_grad(R: int, dtype_name: str, cc: int | None) -> Config:
+    """The first config whose rank block covers R (up to 64)."""
+    if cc is None:
+        return Config.make(BLOCK_M=16, BLOCK_D=32, BLOCK_R=16, num_warps=2, num_stages=1)
+    block_r = min(64, rank_block(R))
+    return next(c for c in prune_mlora_grad(mlora_grad_space(dtype_name), dtype_name, cc) if c["BLOCK_R"] == block_r)
+
+
 RANK_BLOCKS = (16, 32, 64, 128, 256)
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -264,6 +293,7 @@ def all_spaces(cc: int) -> dict[str, list[tuple]]:
         "mlora_shrink": [(c, d, None) for d in DTYPES for c in mlora_shrink_space(d)],
         "mlora_matmul": [(c, d, None) for d in DTYPES
                          for c in prune_lora_matmul(lora_matmul_space(d), d, cc)],
+        "mlora_grad": [(c, d, None) for d in DTYPES for c in prune_mlora_grad(mlora_grad_space(d), d, cc)],
         "moe_gather": [(c, d, None) for d in DTYPES for c in moe_gather_space()],
         "moe_segment_sum": [(c, d, None) for d in DTYPES for c in moe_segment_sum_space()],
     }

@@ -87,6 +87,7 @@ def main(argv=None) -> int:
             from . import multi_lora
             results += multi_lora.run(multi_lora.SMOKE_SHAPES if smoke else multi_lora.GPU_SHAPES, timer, peaks)
             results += multi_lora.serving(timer, smoke)
+            results += multi_lora.train(timer, smoke)
         if which == "moe":
             from . import moe
             results += moe.run_dc(moe.SMOKE_DC if smoke else moe.GPU_DC, timer, peaks)

@@ -1,4 +1,4 @@
-"""Multi-adapter LoRA benchmarks (inference).
+"""Multi-adapter LoRA benchmarks.
 
 * ``prefill``: M tokens split into requests over A distinct adapters.
 * ``decode``: few tokens, each on its own adapter (memory-bound: GB/s counts
@@ -7,6 +7,9 @@
   batches every request of a step in one forward; ``peft`` does the same with
   PEFT's mixed batch; ``merge`` merges each request's adapter into the weight,
   runs it, and unmerges.
+* ``train``: forward+backward of a batch over several adapters that all
+  train (gradients for x and every adapter): ``linear`` is the frozen base
+  layer's forward+backward (the floor), ``loop`` the eager loop with autograd.
 
 Providers: ``linear`` (the base layer alone, the floor), ``loop`` (eager
 loop over the adapters of the batch), ``peft`` (PEFT's ``adapter_names``
@@ -162,4 +165,43 @@ def serving(timer: Timer, smoke: bool) -> list[Result]:
         out.append(Result(bench="multi-lora serving", shape=s.label, mode="one step of the stream",
                           provider=p, ms=med, p20_ms=p20, p80_ms=p80, tflops=0.0, gbps=0.0,
                           vs={q: med / times[q][0] for q in fns if q != p}, tokens_per_s=s.M / med * 1e3))
+    return out
+
+
+TRAIN_GPU = MLShape(4096, 4096, 4096, 16, 8, 64, mode="train")
+TRAIN_SMOKE = MLShape(48, 64, 40, 8, 4, 8, torch.float32, "train")
+
+
+def train(timer: Timer, smoke: bool) -> list[Result]:
+    """Forward+backward over a batch whose requests train different adapters."""
+    s = TRAIN_SMOKE if smoke else TRAIN_GPU
+    x0, w, A0, B0, ranks, scales, req = make_pool(s, timer.device)
+    tok_ids = req[:, None].expand(s.requests, x0.shape[1]).reshape(-1)
+    x, A, B = (t.detach().clone().requires_grad_(True) for t in (x0, A0, B0))
+    dy = torch.randn(x.shape[0], x.shape[1], s.N, device=timer.device).to(s.dtype)
+
+    def step(fn):
+        def run_once():
+            x.grad = A.grad = B.grad = None
+            fn().backward(dy)
+        return run_once
+
+    fns = {"linear": step(lambda: F.linear(x, w)),
+           "loop": step(lambda: _loop(x, w, A, B, scales, req)),
+           "ours": step(lambda: multi_lora_linear(x, w, A, B, ranks, scales, tok_ids))}
+    # correctness of ours against the loop's autograd, on the same inputs
+    fns["loop"]()
+    want = [t.grad.float().clone() for t in (x, A, B)]
+    fns["ours"]()
+    err = max(((t.grad.float() - g).norm() / g.norm()).item() for t, g in zip((x, A, B), want))
+    times = {p: timer.time(fn) for p, fn in fns.items()}
+    # y and dx GEMMs (W0 is frozen: no dW), plus the low-rank work: 2Mr(K+N) forward, 4Mr(K+N) backward
+    flops = 2 * (2.0 * s.M * s.K * s.N) + 3 * (2.0 * s.M * s.r * (s.K + s.N))
+    out = []
+    for p in fns:
+        med, p20, p80 = times[p]
+        out.append(Result(bench="multi-lora train", shape=s.label, mode="fwd+bwd", provider=p, ms=med,
+                          p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, gbps=0.0,
+                          vs={q: med / times[q][0] for q in fns if q != p},
+                          rel_err=err if p == "ours" else None))
     return out

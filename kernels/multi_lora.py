@@ -8,6 +8,11 @@ A tile loops over the distinct adapters it holds (a ``while`` over the runs,
 no padding of runs to tiles) and each adapter's rank in steps of
 ``BLOCK_R`` = 16 up to its own rank (no arithmetic on rank padding beyond the
 next multiple of 16, the ``tl.dot`` minimum).
+
+Forward: ``_mlora_shrink_kernel`` (t = A_a·x per run), then
+``_mlora_matmul_kernel`` (base GEMM + every run's expand in one accumulator).
+Backward: the same two kernels with transposed operands give dt = dY·B_a and
+dx = dY·W0 + s·dt·A_a; ``_mlora_grad_kernel`` gives dA and dB per adapter.
 """
 import triton
 import triton.language as tl
@@ -28,18 +33,24 @@ def _mlora_shrink_kernel(
     x_ptr,  # [M, K]  tokens, original order
     perm_ptr,  # [M] int64  sorted position -> original row
     sid_ptr,  # [M] int64  slot of each sorted row, ascending; -1 = no adapter
-    a_ptr,  # [SLOTS, NUM_SLICES·R_MAX, K]  down projections, slice i at rows i·R_MAX
+    a_ptr,  # [SLOTS, ...]  down projections: slice i of slot a at a·stride_as + i·stride_a_slice
     rank_ptr,  # [NUM_SLICES, SLOTS] int32  rank of each slice of each slot (0 = empty)
+    kb_ptr,  # [NUM_SLICES + 1] int32  K range of each slice, read only when SLICED_K
     t_ptr,  # [M, NUM_SLICES·R_MAX] fp32  low-rank activations, sorted order
     M, K, R_MAX, SLOTS,
     stride_xm, stride_xk,
-    stride_as, stride_ar, stride_ak,
+    stride_as, stride_a_slice, stride_ar, stride_ak,
     stride_tm, stride_tr,
-    NUM_SLICES: tl.constexpr,
+    SLICED_K: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """t[j, i·R_MAX + :r_ai] = A_a,i · x[perm[j]] for each sorted row j with
-    slot a ≥ 0 and each output slice i.
+    slot a ≥ 0 and each slice i.
+
+    Forward: A is ``lora_a [SLOTS, NUM_SLICES·R_MAX, K]`` (``stride_a_slice``
+    = R_MAX rows) and every slice reduces over all of K. Backward (dt = dY·B):
+    x is dY, A is ``lora_b`` read transposed (``stride_a_slice`` = 0) and,
+    with SLICED_K, slice i reduces over its own columns kb[i]:kb[i+1] only.
 
     Grid: (cdiv(M, BLOCK_M),). Each adapter of the tile reads its A once per
     tile (the decode case: many adapters, few tokens each)."""
@@ -59,18 +70,25 @@ def _mlora_shrink_kernel(
         in_run = valid & (sid == a)
         for i in tl.static_range(NUM_SLICES):
             r_a = tl.load(rank_ptr + i * SLOTS + a)
+            if SLICED_K:
+                k_lo = tl.load(kb_ptr + i)
+                k_hi = tl.load(kb_ptr + i + 1)
+            else:
+                k_lo = 0
+                k_hi = K
+            a_base = a_ptr + a.to(tl.int64) * stride_as + i * stride_a_slice
             for r0 in range(0, r_a, BLOCK_R):
                 mask_r = (r0 + offs_r) < r_a
-                r_cols = i * R_MAX + r0 + offs_r
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    mask_k = (k0 + offs_k) < K
-                    x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                for k0 in range(k_lo, k_hi, BLOCK_K):
+                    ks = k0 + offs_k
+                    mask_k = ks < k_hi
+                    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                                 mask=in_run[:, None] & mask_k[None, :], other=0.0)
-                    w = tl.load(a_ptr + a.to(tl.int64) * stride_as + r_cols[None, :] * stride_ar
-                                + (k0 + offs_k)[:, None] * stride_ak,
+                    w = tl.load(a_base + (r0 + offs_r)[None, :] * stride_ar + ks[:, None] * stride_ak,
                                 mask=mask_k[:, None] & mask_r[None, :], other=0.0)
                     acc = mma(x, w.to(x.dtype), acc)
+                r_cols = i * R_MAX + r0 + offs_r
                 tl.store(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm + r_cols[None, :] * stride_tr, acc,
                          mask=in_run[:, None] & mask_r[None, :])
         a = _next_adapter(sid, valid, a)
@@ -84,24 +102,29 @@ def _mlora_matmul_kernel(
     perm_ptr,  # [M] int64  sorted position -> original row
     sid_ptr,  # [M] int64  slot of each sorted row, ascending; -1 = no adapter
     t_ptr,  # [M, NUM_SLICES·R_MAX] fp32  low-rank activations, sorted order
-    b_ptr,  # [SLOTS, N, R_MAX]  up projections; row n belongs to the slice holding column n
+    b_ptr,  # [SLOTS, ...]  up projections: element (n, r) of slice i of slot a at
+    #         a·stride_bs + i·stride_b_slice + n·stride_bn + r·stride_br
     rank_ptr,  # [NUM_SLICES, SLOTS] int32
     scale_ptr,  # [NUM_SLICES, SLOTS] fp32
-    bounds_ptr,  # [NUM_SLICES + 1] int32  first column of each slice, then N
+    bounds_ptr,  # [NUM_SLICES + 1] int32  first column of each slice, then N; read only when SLICE_COLS
     y_ptr,  # [M, N]  output, original order
     M, N, K, R_MAX, SLOTS,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_tm, stride_tr,
-    stride_bs, stride_bn, stride_br,
+    stride_bs, stride_b_slice, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SLICE_COLS: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """y[perm[j]] = x[perm[j]]·Wᵀ + Σ_runs Σ_slices s_a,i·t[j, slice i, :r_ai]·B_a[slice i cols, :r_ai]ᵀ + bias.
 
-    Output slices (fused q/k/v, GQA widths) share x and the launch; a tile
-    that straddles a slice boundary handles each slice it holds.
+    Forward (SLICE_COLS): output slices (fused q/k/v, GQA widths) share x and
+    the launch, B is ``lora_b [SLOTS, N, R_MAX]`` (``stride_b_slice`` = 0) and
+    slice i owns columns bounds[i]:bounds[i+1]; a tile that straddles a slice
+    boundary handles each slice it holds. Backward (dx = dY·W0 + Σ_i s·dt_i·A_i):
+    x is dY, W0 is read transposed, B is ``lora_a`` read transposed
+    (``stride_b_slice`` = R_MAX rows) and every slice adds to every column.
 
     Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),). The base GEMM and every
     adapter's expand land in one fp32 accumulator; y is written once, to the
@@ -130,20 +153,24 @@ def _mlora_matmul_kernel(
     while a < _NO_ADAPTER:
         in_run = valid & (sid == a)
         for i in tl.static_range(NUM_SLICES):
-            lo = tl.load(bounds_ptr + i)
-            hi = tl.load(bounds_ptr + i + 1)
-            in_slice = (offs_n >= lo) & (offs_n < hi)
-            # A slice outside this tile's columns costs nothing: its rank loop is skipped.
-            r_a = tl.where(tl.max(in_slice.to(tl.int32), axis=0) > 0, tl.load(rank_ptr + i * SLOTS + a), 0)
+            if SLICE_COLS:
+                lo = tl.load(bounds_ptr + i)
+                hi = tl.load(bounds_ptr + i + 1)
+                in_slice = (offs_n >= lo) & (offs_n < hi)
+                # A slice outside this tile's columns costs nothing: its rank loop is skipped.
+                r_a = tl.where(tl.max(in_slice.to(tl.int32), axis=0) > 0, tl.load(rank_ptr + i * SLOTS + a), 0)
+            else:
+                in_slice = offs_n < N
+                r_a = tl.load(rank_ptr + i * SLOTS + a)
             s_a = tl.load(scale_ptr + i * SLOTS + a)
+            b_base = b_ptr + a.to(tl.int64) * stride_bs + i * stride_b_slice
             for r0 in range(0, r_a, BLOCK_R):
                 mask_r = (r0 + offs_r) < r_a
                 t = tl.load(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm
                             + (i * R_MAX + r0 + offs_r)[None, :] * stride_tr,
                             mask=in_run[:, None] & mask_r[None, :], other=0.0)
-                u = tl.load(b_ptr + a.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
-                            + (r0 + offs_r)[:, None] * stride_br, mask=mask_r[:, None] & in_slice[None, :],
-                            other=0.0)
+                u = tl.load(b_base + cols[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br,
+                            mask=mask_r[:, None] & in_slice[None, :], other=0.0)
                 acc = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), acc)
         a = _next_adapter(sid, valid, a)
 
@@ -152,3 +179,64 @@ def _mlora_matmul_kernel(
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_j[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _mlora_grad_kernel(
+    p_ptr,  # [M, NUM_SLICES·R_MAX] fp32, sorted order: dt (for dA) or t (for dB)
+    q_ptr,  # [M, D]  original order: x (for dA) or dY (for dB)
+    perm_ptr,  # [M] int64  sorted position -> original row
+    seg_ptr,  # [SLOTS + 1] int64  the sorted rows of slot a are seg[a]:seg[a+1]
+    rank_ptr,  # [NUM_SLICES, SLOTS] int32
+    scale_ptr,  # [NUM_SLICES, SLOTS] fp32
+    bounds_ptr,  # [NUM_SLICES + 1] int32  column range of each slice, read only when SLICE_COLS
+    o_ptr,  # fp32 gradient: element (r, d) of slice i of slot a at a·stride_os + i·stride_o_slice + ...
+    M, D, R_MAX, SLOTS,
+    stride_pm, stride_pr, stride_qm, stride_qd,
+    stride_os, stride_o_slice, stride_or, stride_od,
+    SLICE_COLS: tl.constexpr, NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """o[a, slice i, r, d] = s_a,i · Σ_{sorted rows j of slot a} p[j, i·R_MAX + r] · q[perm[j], d]
+    for r < r_a,i: the adapter gradients, one small GEMM per adapter.
+
+    dA: p = dt, q = x, o = dA ``[SLOTS, NUM_SLICES·R_MAX, K]`` (``stride_o_slice``
+    = R_MAX rows), every slice over all of K. dB: p = t, q = dY, o = dB
+    ``[SLOTS, N, R_MAX]`` read as [r, n] (``stride_o_slice`` = 0), and with
+    SLICE_COLS slice i only on its columns bounds[i]:bounds[i+1].
+
+    Grid: (SLOTS, cdiv(R_MAX, BLOCK_R), cdiv(D, BLOCK_D)). Each program sums
+    its adapter's rows in sorted order: deterministic, no atomics. Elements
+    it does not own (rank padding, idle slots) keep the caller's zeros."""
+    # ---- program ids -> (slot, rank block, column block)
+    a = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    start = tl.load(seg_ptr + a)
+    end = tl.load(seg_ptr + a + 1)
+    o_base = o_ptr + a.to(tl.int64) * stride_os
+
+    for i in tl.static_range(NUM_SLICES):
+        r_a = tl.load(rank_ptr + i * SLOTS + a)
+        if SLICE_COLS:
+            in_cols = (offs_d >= tl.load(bounds_ptr + i)) & (offs_d < tl.load(bounds_ptr + i + 1))
+        else:
+            in_cols = offs_d < D
+        # A rank block past this slice's rank, or a column block outside it: nothing to do.
+        if (r0 < r_a) & (tl.max(in_cols.to(tl.int32), axis=0) > 0):
+            mask_r = offs_r < r_a
+            acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            for m0 in range(start, end, BLOCK_M):
+                offs_j = m0 + offs_m
+                mask_j = offs_j < end
+                rows = tl.load(perm_ptr + offs_j, mask=mask_j, other=0)
+                p = tl.load(p_ptr + offs_j[None, :] * stride_pm + (i * R_MAX + offs_r)[:, None] * stride_pr,
+                            mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+                q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=mask_j[:, None] & in_cols[None, :], other=0.0)
+                acc = mma(p.to(q.dtype), q, acc)
+            s_a = tl.load(scale_ptr + i * SLOTS + a)
+            tl.store(o_base + i * stride_o_slice + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od,
+                     acc * s_a, mask=mask_r[:, None] & in_cols[None, :])

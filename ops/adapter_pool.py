@@ -22,7 +22,9 @@ from .multi_lora import multi_lora_linear
 
 class MultiLoRALinear(nn.Module):
     """An ``nn.Linear`` whose rows can each use one of ``max_adapters`` LoRA
-    adapters (slots), in one forward. Inference only.
+    adapters (slots), in one forward. Gradients flow to x, and to the slot
+    buffers when they are made to require grad (training several adapters in
+    one mixed batch); the base weight and bias stay frozen.
 
     Buffers: ``lora_A [slots, max_rank, in]``, ``lora_B [slots, out, max_rank]``
     (the base weight's dtype), ``ranks [slots]`` (int32, 0 = empty) and

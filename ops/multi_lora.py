@@ -6,8 +6,13 @@ Adapters live in a stacked pool: ``lora_a [SLOTS, R_MAX, K]``,
 the base model alone. Rows are grouped by adapter on the device (a stable
 sort), then two kernels run: the shrink and the base GEMM with every
 adapter's expand fused into its accumulator. No host synchronisation:
-the whole forward can be captured in a CUDA graph. Inference only (no
-backward).
+the whole forward can be captured in a CUDA graph.
+
+Backward (multi-adapter training): dt = dY·B_a (the shrink kernel on dY),
+dx = dY·W0 + s·dt·A_a (the fused matmul kernel, transposed operands), and
+dA / dB by one small GEMM per adapter over its sorted rows
+(``_mlora_grad_kernel``): deterministic, no atomics, no host sync. The base
+weight gets no gradient.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from torch import Tensor
 
 from ..autotune import cache as tuning
 from ..autotune import configs as cfgs
-from ..kernels.multi_lora import _mlora_matmul_kernel, _mlora_shrink_kernel
+from ..kernels.multi_lora import _mlora_grad_kernel, _mlora_matmul_kernel, _mlora_shrink_kernel
 from . import reference as ref
 from .common import cdiv, check, dtype_name
 from .backend import call_op, check_backend, compute_capability, device_info, use_triton
@@ -41,56 +46,180 @@ def _bounds(widths: tuple, device: torch.device) -> Tensor:
     return _BOUNDS[key]
 
 
-def _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices) -> Tensor:
+def _sort_rows(adapter_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(sid, perm): the slot of each sorted row (ascending, -1 first) and its
+    original row. A stable device sort: no host synchronisation."""
+    return torch.sort(adapter_ids.to(torch.int64), stable=True)
+
+
+def _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices):
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0:
-        return y
     S, R = lora_b.shape[0], lora_b.shape[2]
     widths = tuple(slices) if slices else (N,)
-    sid, perm = torch.sort(adapter_ids.to(torch.int64), stable=True)
-    t = torch.empty((M, len(widths) * R), device=x.device, dtype=torch.float32)
-    dn, cc, info = dtype_name(x.dtype), compute_capability(x.device), device_info(x.device)
-    scfg = tuning.select_memo("mlora_shrink", dn, {"K": K, "M": M}, info,
-                              lambda: cfgs.default_mlora_shrink(M, dn, cc))
-    _mlora_shrink_kernel[(cdiv(M, scfg["BLOCK_M"]),)](
-        x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=lora_a, rank_ptr=ranks, t_ptr=t, M=M, K=K, R_MAX=R, SLOTS=S,
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_as=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
-        stride_tm=t.stride(0), stride_tr=t.stride(1), NUM_SLICES=len(widths), BLOCK_R=BLOCK_R,
-        **scfg.launch_kwargs())
-    mcfg = tuning.select_memo("mlora_matmul", dn, {"N": N, "K": K, "M": M}, info,
-                              lambda: cfgs.default_lora_matmul(M, N, K, dn, cc))
-    grid = (cdiv(M, mcfg["BLOCK_M"]) * cdiv(N, mcfg["BLOCK_N"]),)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    # Zeros: the kernels write t only inside each row's ranks, and the op's
+    # output must be defined everywhere (the reference returns the same t).
+    t = torch.zeros((M, len(widths) * R), device=x.device, dtype=torch.float32)
+    sid, perm = _sort_rows(adapter_ids)
+    if M == 0:
+        return y, t, perm, sid
+    bounds = _bounds(widths, x.device)
+    # t = A_a·x per adapter run (sorted rows)
+    _shrink(x, lora_a, ranks, perm, sid, t, bounds, K, R, S, len(widths), sliced_k=False,
+            a_strides=(lora_a.stride(0), R * lora_a.stride(1), lora_a.stride(1), lora_a.stride(2)))
+    # y = x·W0ᵀ + Σ s·t·B_aᵀ + bias
+    _matmul(x, weight, (weight.stride(0), weight.stride(1)), bias, perm, sid, t, lora_b,
+            (lora_b.stride(0), 0, lora_b.stride(1), lora_b.stride(2)), ranks, scales, bounds, y,
+            N, K, R, S, len(widths), slice_cols=True)
+    return y, t, perm, sid
+
+
+def _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dbias):
+    M, K = x.shape
+    N = weight.shape[0]
+    S, R = lora_b.shape[0], lora_b.shape[2]
+    widths = tuple(slices) if slices else (N,)
+    n_sl = len(widths)
+    da = torch.zeros(lora_a.shape, device=x.device, dtype=torch.float32)
+    db = torch.zeros(lora_b.shape, device=x.device, dtype=torch.float32)
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if needs_dx else x.new_empty(0)
+    dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else dy.new_empty(0, dtype=torch.float32)
+    if M == 0:
+        return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias
+    bounds = _bounds(widths, x.device)
+    # dt = dY·B_a per run and slice (unscaled; its consumers apply s): B read as [R, N],
+    # slice i reducing over its own columns only.
+    dt = torch.empty((M, n_sl * R), device=x.device, dtype=torch.float32)
+    _shrink(dy, lora_b, ranks, perm, sid, dt, bounds, N, R, S, n_sl, sliced_k=n_sl > 1,
+            a_strides=(lora_b.stride(0), 0, lora_b.stride(2), lora_b.stride(1)))
+    # dA = s·dtᵀ·x and dB = s·dYᵀ·t, one small GEMM per adapter over its sorted rows
+    seg = torch.searchsorted(sid, torch.arange(S + 1, device=x.device, dtype=torch.int64))
+    _grad(dt, x, perm, seg, ranks, scales, bounds, da, K, R, S, n_sl,
+          o_strides=(da.stride(0), R * da.stride(1), da.stride(1), da.stride(2)), slice_cols=False)
+    _grad(t, dy, perm, seg, ranks, scales, bounds, db, N, R, S, n_sl,
+          o_strides=(db.stride(0), 0, db.stride(2), db.stride(1)), slice_cols=n_sl > 1)
+    if needs_dx:
+        # dx = dY·W0 + Σ_i s·dt_i·A_a,i: W0 read as [K, N] (out = K), A as [K, R] per slice
+        _matmul(dy, weight, (weight.stride(1), weight.stride(0)), None, perm, sid, dt, lora_a,
+                (lora_a.stride(0), R * lora_a.stride(1), lora_a.stride(2), lora_a.stride(1)), ranks, scales,
+                bounds, dx, K, N, R, S, n_sl, slice_cols=False)
+    return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias
+
+
+def _shrink(x, a, ranks, perm, sid, t, kb, K, R, S, n_sl, sliced_k, a_strides):
+    M = x.shape[0]
+    dn, cc = dtype_name(x.dtype), compute_capability(x.device)
+    cfg = tuning.select_memo("mlora_shrink", dn, {"K": K, "M": M}, device_info(x.device),
+                             lambda: cfgs.default_mlora_shrink(M, dn, cc))
+    _mlora_shrink_kernel[(cdiv(M, cfg["BLOCK_M"]),)](
+        x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=a, rank_ptr=ranks, kb_ptr=kb, t_ptr=t,
+        M=M, K=K, R_MAX=R, SLOTS=S, stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_as=a_strides[0], stride_a_slice=a_strides[1], stride_ar=a_strides[2], stride_ak=a_strides[3],
+        stride_tm=t.stride(0), stride_tr=t.stride(1), SLICED_K=sliced_k, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R,
+        **cfg.launch_kwargs())
+
+
+def _matmul(x, w, w_strides, bias, perm, sid, t, b, b_strides, ranks, scales, bounds, y, N, K, R, S, n_sl,
+            slice_cols):
+    M = x.shape[0]
+    dn, cc = dtype_name(x.dtype), compute_capability(x.device)
+    cfg = tuning.select_memo("mlora_matmul", dn, {"N": N, "K": K, "M": M}, device_info(x.device),
+                             lambda: cfgs.default_lora_matmul(M, N, K, dn, cc))
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _mlora_matmul_kernel[grid](
-        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, perm_ptr=perm, sid_ptr=sid, t_ptr=t,
-        b_ptr=lora_b, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=_bounds(widths, x.device), y_ptr=y,
+        x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else y, perm_ptr=perm, sid_ptr=sid, t_ptr=t,
+        b_ptr=b, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=bounds, y_ptr=y,
         M=M, N=N, K=K, R_MAX=R, SLOTS=S,
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w_strides[0], stride_wk=w_strides[1],
         stride_tm=t.stride(0), stride_tr=t.stride(1),
-        stride_bs=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
-        stride_ym=y.stride(0), stride_yn=y.stride(1), HAS_BIAS=bias is not None, NUM_SLICES=len(widths),
-        BLOCK_R=BLOCK_R, **mcfg.launch_kwargs())
-    return y
+        stride_bs=b_strides[0], stride_b_slice=b_strides[1], stride_bn=b_strides[2], stride_br=b_strides[3],
+        stride_ym=y.stride(0), stride_yn=y.stride(1), HAS_BIAS=bias is not None, SLICE_COLS=slice_cols,
+        NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
 
 
-def _multi_lora_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                     ranks: Tensor, scales: Tensor, adapter_ids: Tensor, slices: Optional[list[int]],
-                     backend: str) -> Tensor:
+def _grad(p, q, perm, seg, ranks, scales, bounds, o, D, R, S, n_sl, o_strides, slice_cols):
+    M = q.shape[0]
+    dn, cc = dtype_name(q.dtype), compute_capability(q.device)
+    cfg = tuning.select_memo("mlora_grad", dn, {"D": D, "R": R, "M": M}, device_info(q.device),
+                             lambda: cfgs.default_mlora_grad(R, dn, cc))
+    grid = (S, cdiv(R, cfg["BLOCK_R"]), cdiv(D, cfg["BLOCK_D"]))
+    _mlora_grad_kernel[grid](
+        p_ptr=p, q_ptr=q, perm_ptr=perm, seg_ptr=seg, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=bounds,
+        o_ptr=o, M=M, D=D, R_MAX=R, SLOTS=S, stride_pm=p.stride(0), stride_pr=p.stride(1),
+        stride_qm=q.stride(0), stride_qd=q.stride(1), stride_os=o_strides[0], stride_o_slice=o_strides[1],
+        stride_or=o_strides[2], stride_od=o_strides[3], SLICE_COLS=slice_cols, NUM_SLICES=n_sl,
+        **cfg.launch_kwargs())
+
+
+# ---------------------------------------------------------------- torch.library ops
+def _multi_lora_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                         ranks: Tensor, scales: Tensor, adapter_ids: Tensor, slices: Optional[list[int]],
+                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y [M, N], t [M, slices·R_MAX] fp32, perm [M] int64, sid [M] int64) for a 2-D x."""
     if use_triton(x.device, backend):
-        return _launch(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
-    return ref.multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
+        return _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
+    return ref.multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
 
 
-multi_lora_op = torch.library.custom_op("posttrain_kernels::multi_lora_linear", mutates_args=())(_multi_lora_impl)
+def _multi_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
+                         scales: Tensor, t: Tensor, perm: Tensor, sid: Tensor, slices: Optional[list[int]],
+                         needs_dx: bool, needs_dbias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx [M, K] or empty, dA like lora_a, dB like lora_b, dbias [N] fp32 or empty)."""
+    if use_triton(dy.device, backend):
+        return _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
+                           needs_dbias)
+    return ref.multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
+                                  needs_dbias)
 
 
-@multi_lora_op.register_fake
+multi_lora_fwd = torch.library.custom_op("posttrain_kernels::multi_lora_fwd", mutates_args=())(_multi_lora_fwd_impl)
+multi_lora_bwd = torch.library.custom_op("posttrain_kernels::multi_lora_bwd", mutates_args=())(_multi_lora_bwd_impl)
+
+
+@multi_lora_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backend):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    M, n_sl = x.shape[0], 1 if slices is None else len(slices)
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, n_sl * lora_b.shape[2]), dtype=torch.float32),
+            x.new_empty((M,), dtype=torch.int64), x.new_empty((M,), dtype=torch.int64))
 
 
+@multi_lora_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dbias, backend):
+    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+    dbias = dy.new_empty((dy.shape[1],) if needs_dbias else (0,), dtype=torch.float32)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), dbias
+
+
+# ---------------------------------------------------------------- autograd
+class MultiLoRALinearFunction(torch.autograd.Function):
+    """Batched multi-adapter LoRA with gradients for x, lora_a, lora_b and
+    bias (not for weight, ranks, scales, ids). Saves t (fp32, sorted order)
+    and the row order only when some input needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backend):
+        y, t, perm, sid = call_op(multi_lora_fwd, _multi_lora_fwd_impl, x, weight, bias, lora_a, lora_b, ranks,
+                                  scales, adapter_ids, slices, backend)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, weight, lora_a, lora_b, ranks, scales, t, perm, sid)
+        ctx.slices, ctx.backend = slices, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(t, perm, sid)
+        return y, t, perm, sid
+
+    @staticmethod
+    def backward(ctx, dy, _dt, _dperm, _dsid):
+        x, weight, lora_a, lora_b, ranks, scales, t, perm, sid = ctx.saved_tensors
+        needs_dx, needs_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        dx, da, db, dbias = call_op(multi_lora_bwd, _multi_lora_bwd_impl, dy, x, weight, lora_a, lora_b, ranks,
+                                    scales, t, perm, sid, ctx.slices, needs_dx, needs_dbias, ctx.backend)
+        return (dx if needs_dx else None, None, dbias.to(ctx.bias_dtype) if needs_dbias else None,
+                da if ctx.needs_input_grad[3] else None, db if ctx.needs_input_grad[4] else None,
+                None, None, None, None, None)
+
+
+# ---------------------------------------------------------------- functional
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
                       adapter_ids: Tensor, bias: Optional[Tensor] = None, slices: Optional[list[int]] = None, *,
                       backend: Optional[str] = None) -> Tensor:
@@ -98,7 +227,10 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     with ``a = adapter_ids[i]`` (-1: no adapter) and ``r_a = ranks[a]``.
 
     ``x [..., K]``; ``adapter_ids`` has one entry per token (``x.shape[:-1]``
-    flattened). Pool shapes as in this module's doc. Inference only.
+    flattened). Pool shapes as in this module's doc. Differentiable in x,
+    lora_a, lora_b and bias (several adapters trained in one batch); the
+    gradient of a slot is zero outside its rank and when no row uses it;
+    ``weight`` gets none.
 
     ``slices``: output widths of fused projections sharing x (fused q/k/v,
     e.g. ``[4096, 1024, 1024]`` with GQA), each with its own adapter: then
@@ -138,7 +270,6 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                     ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
         if v is not None:
             check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
-    x2d = x.reshape(-1, K)
-    y = call_op(multi_lora_op, _multi_lora_impl, x2d, weight, bias, lora_a, lora_b, ranks, scales,
-                adapter_ids.reshape(-1), slices, check_backend(backend))
+    y = MultiLoRALinearFunction.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, ranks, scales,
+                                      adapter_ids.reshape(-1), slices, check_backend(backend))[0]
     return y.reshape(*x.shape[:-1], N)

@@ -159,3 +159,66 @@ def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapte
             y[rows, lo:lo + width] += float(scales2[i, a]) * (t @ lora_b[a, lo:lo + width, :r].to(acc).t())
             lo += width
     return y.to(x.dtype)
+
+
+def multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None):
+    """What the multi-LoRA forward op returns: ``(y, t, perm, sid)``.
+
+    ``sid, perm = sort(adapter_ids)`` (stable); ``t [M, slices·R_MAX]`` (fp32)
+    holds each sorted row's low-rank activations ``A_a,i·x[perm[j]]`` at
+    columns ``i·R_MAX:i·R_MAX + r_a,i``, zeros elsewhere (the kernel leaves
+    those unwritten and never reads them)."""
+    y = multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
+    sid, perm = torch.sort(adapter_ids.to(torch.int64), stable=True)
+    n_sl = 1 if slices is None else len(slices)
+    R = lora_b.shape[2]
+    ranks2 = ranks.reshape(n_sl, -1)
+    t = torch.zeros(x.shape[0], n_sl * R, dtype=torch.float32, device=x.device)
+    xs = x[perm].float()
+    for a in sid.unique().tolist():
+        if a < 0:
+            continue
+        rows = sid == a
+        for i in range(n_sl):
+            r = int(ranks2[i, a])
+            t[rows, i * R:i * R + r] = xs[rows] @ lora_a[a, i * R:i * R + r].float().t()
+    return y, t, perm, sid
+
+
+def multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices=None,
+                       needs_dx=True, needs_dbias=False):
+    """``(dx, dA, dB, dbias)`` of ``multi_lora_fwd_ref`` for the gradient
+    ``dy [M, N]``, one adapter at a time. dA/dB are zero outside each slot's
+    ranks (and for slots no row uses); dx and dbias are empty when not asked
+    for, as the op returns them."""
+    n_sl = 1 if slices is None else len(slices)
+    widths = list(slices) if slices is not None else [weight.shape[0]]
+    R = lora_b.shape[2]
+    ranks2, scales2 = ranks.reshape(n_sl, -1), scales.reshape(n_sl, -1)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dys, xs = dy[perm].to(acc), x[perm].to(acc)
+    dx_s = dys @ weight.to(acc) if needs_dx else None
+    da = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
+    db = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
+    for a in sid.unique().tolist():
+        if a < 0:
+            continue
+        rows = sid == a
+        lo = 0
+        for i, width in enumerate(widths):
+            r, s = int(ranks2[i, a]), float(scales2[i, a])
+            dy_i = dys[rows, lo:lo + width]
+            dt = dy_i @ lora_b[a, lo:lo + width, :r].to(acc)
+            da[a, i * R:i * R + r] = s * (dt.t() @ xs[rows])
+            db[a, lo:lo + width, :r] = s * (dy_i.t() @ t[rows, i * R:i * R + r].to(acc))
+            if needs_dx:
+                dx_s[rows] += s * (dt @ lora_a[a, i * R:i * R + r].to(acc))
+            lo += width
+    if needs_dx:
+        dx = torch.empty_like(dx_s)
+        dx[perm] = dx_s
+        dx = dx.to(x.dtype)
+    else:
+        dx = x.new_empty(0)
+    dbias = dy.float().sum(0) if needs_dbias else dy.new_empty(0, dtype=torch.float32)
+    return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias

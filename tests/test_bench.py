@@ -56,7 +56,8 @@ def test_peft_provider_computes_the_same_layer(device):
 def test_multi_lora_and_moe_smoke(device):
     from posttrain_kernels.bench import moe, multi_lora
     timer = common.Timer(device, cpu_reps=1)
-    rows = multi_lora.run(multi_lora.SMOKE_SHAPES[:1], timer) + multi_lora.serving(timer, smoke=True)
+    rows = (multi_lora.run(multi_lora.SMOKE_SHAPES[:1], timer) + multi_lora.serving(timer, smoke=True)
+            + multi_lora.train(timer, smoke=True))
     ours = [r for r in rows if r.provider == "ours" and r.rel_err is not None]
     assert ours and all(r.rel_err < 1e-5 for r in ours)
     assert any(r.tokens_per_s for r in rows) and "tokens/s" in common.markdown(rows)

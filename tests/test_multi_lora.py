@@ -7,6 +7,8 @@ import torch
 import posttrain_kernels as pk
 from posttrain_kernels.ops import reference as ref
 
+from helpers import assert_close_rule
+
 pytestmark = pytest.mark.usefixtures("nan_poison")
 
 RANKS = [1, 64, 0, 17, 8, 33, 16]  # slot 2 empty
@@ -97,12 +99,107 @@ def test_opcheck(device):
     A, B = A.nan_to_num(), B.nan_to_num()
     x, w = torch.randn(9, 32, device=device), torch.randn(24, 32, device=device)
     ids = torch.tensor([0, 1, -1, 3, 3, 6, 0, 4, 5], device=device)
-    torch.library.opcheck(torch.ops.posttrain_kernels.multi_lora_linear.default,
-                          (x, w, None, A, B, ranks, scales, ids, None, "auto"))
+    fwd, bwd = torch.ops.posttrain_kernels.multi_lora_fwd.default, torch.ops.posttrain_kernels.multi_lora_bwd.default
     sl_a = torch.randn(7, 3 * 64, 32, device=device)
     sl_rs = ranks.repeat(3, 1)
-    torch.library.opcheck(torch.ops.posttrain_kernels.multi_lora_linear.default,
-                          (x, w, None, sl_a, B, sl_rs, scales.repeat(3, 1), ids, [8, 8, 8], "auto"))
+    for a, rs, sc, slices in ((A, ranks, scales, None), (sl_a, sl_rs, scales.repeat(3, 1), [8, 8, 8])):
+        torch.library.opcheck(fwd, (x, w, None, a, B, rs, sc, ids, slices, "auto"))
+        _, t, perm, sid = fwd(x, w, None, a, B, rs, sc, ids, slices, "auto")
+        dy = torch.randn(9, 24, device=device)
+        for needs_dx, needs_dbias in ((True, True), (False, False)):
+            torch.library.opcheck(bwd, (dy, x, w, a, B, rs, sc, t, perm, sid, slices, needs_dx, needs_dbias, "auto"))
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _grads(out, leaves, dy):
+    gs = torch.autograd.grad(out, leaves, dy, allow_unused=True)
+    return [torch.zeros_like(l) if g is None else g for g, l in zip(gs, leaves)]
+
+
+def _ref_grads(x, w, bias, A, B, ranks, scales, ids, dy, dtype, slices=None):
+    """Gradients of the per-row reference loop by autograd, every operand in ``dtype``."""
+    leaves = _leaves(x.to(dtype), A.to(dtype), B.to(dtype), bias.to(dtype))
+    y = ref.multi_lora_linear_ref(leaves[0], w.to(dtype), leaves[3], leaves[1], leaves[2], ranks, scales, ids,
+                                  slices)
+    return _grads(y, leaves, dy.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,K,N,kind", CASES)
+def test_gradients_against_per_row_loop(M, K, N, kind, dtype, device):
+    """dx, dA, dB, dbias of a batch mixing adapters (ranks 1 to 64, -1 rows)
+    against autograd through the per-row loop in fp64. Rank padding holds NaN
+    in the pool; its gradient, and that of slots no row uses, must be 0."""
+    S, R = 7, 64
+    A, B, ranks, scales = _pool(S, N, K, R, dtype, device)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+    bias = torch.randn(N, generator=g).to(device, dtype)
+    dy = torch.randn(M, N, generator=g).to(device, dtype)
+    ids = _ids(kind, M, S, device)
+    leaves = _leaves(x, A, B, bias)
+    y = pk.multi_lora_linear(leaves[0], w, leaves[1], leaves[2], ranks, scales, ids, leaves[3])
+    ours = _grads(y, leaves, dy)
+    want = _ref_grads(x, w, bias, A, B, ranks, scales, ids, dy, torch.float64)
+    lowp = _ref_grads(x, w, bias, A, B, ranks, scales, ids, dy, dtype)
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, o, hi, lo in zip(("dx", "dA", "dB", "dbias"), ours, want, lowp):
+        assert o.dtype == dtype, f"{name}: dtype {o.dtype}"
+        assert_close_rule(name, o, lo, hi, atol)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("widths", [[40, 16, 16], [33, 7, 9]], ids=["gqa-q40-kv16", "odd-widths"])
+def test_gradients_fused_slices(widths, backend, device):
+    """Gradients of a fused q/k/v projection (one adapter per slice, GQA
+    widths), Triton and the reference backward, against autograd in fp64;
+    x needs no gradient here (the dx GEMM is skipped)."""
+    S, R, K, M = 5, 32, 48, 23
+    N = sum(widths)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(M, K, generator=g).to(device)
+    w = torch.randn(N, K, generator=g).to(device)
+    bias = torch.randn(N, generator=g).to(device)
+    A = torch.randn(S, len(widths) * R, K, generator=g).to(device)
+    B = torch.randn(S, N, R, generator=g).to(device)
+    ranks = torch.randint(1, R + 1, (len(widths), S), generator=g).to(device, torch.int32)
+    ranks[1, 2] = 0
+    scales = torch.rand(len(widths), S, generator=g).to(device)
+    ids = torch.randint(-1, S, (M,), generator=g).to(device)
+    dy = torch.randn(M, N, generator=g).to(device)
+    a, b = _leaves(A, B)
+    y = pk.multi_lora_linear(x, w, a, b, ranks, scales, ids, bias, slices=widths, backend=backend)
+    ours = _grads(y, [a, b], dy)
+    want = _ref_grads(x, w, bias, A, B, ranks, scales, ids, dy, torch.float64, widths)[1:3]
+    for name, o, hi in zip(("dA", "dB"), ours, want):
+        assert_close_rule(name, o, hi, hi, 1e-5)
+
+
+def test_gradient_of_sum_and_compile(device):
+    """``y.sum().backward()`` (a stride-0 dY), and torch.compile(fullgraph)
+    of the forward and backward: both match eager autograd of the reference."""
+    S, R, K, N, M = 4, 64, 24, 20, 13
+    A, B, ranks, scales = _pool(S, N, K, R, torch.float32, device)
+    A, B = A.nan_to_num(), B.nan_to_num()
+    ids = torch.tensor([0, 1, -1, 3, 3, 1, 0, 0, 1, -1, 3, 1, 0], device=device)
+    x = torch.randn(M, K, device=device)
+    w = torch.randn(N, K, device=device)
+
+    def loss(x, a, b):
+        return pk.multi_lora_linear(x, w, a, b, ranks, scales, ids).sum()
+
+    leaves = _leaves(x, A, B)
+    y = ref.multi_lora_linear_ref(leaves[0], w, None, leaves[1], leaves[2], ranks, scales, ids)
+    want = _grads(y.sum(), leaves, None)
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        leaves = _leaves(x, A, B)
+        fn(*leaves).backward()
+        for name, l, hi in zip(("dx", "dA", "dB"), leaves, want):
+            torch.testing.assert_close(l.grad, hi, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("widths", [[40, 16, 16], [33, 7, 9]], ids=["gqa-q40-kv16", "odd-widths"])
@@ -159,3 +256,36 @@ def test_fused_qkv_layer_equals_three_layers(device):
     torch.testing.assert_close(fused(x), torch.cat([p(x) for p in parts], dim=-1), rtol=1e-5, atol=1e-4)
     fused.clear_slot(2)
     assert (fused.ranks[:, 2] == 0).all()
+
+
+def test_layer_trains_adapters_like_separate_lora_layers(device):
+    """MultiLoRALinear with trainable slots: one mixed batch gives each slot
+    the gradients its own LoRALinear would get from its rows alone."""
+    torch.manual_seed(0)
+    K, N = 24, 20
+    base = torch.nn.Linear(K, N, device=device)
+    layer = pk.MultiLoRALinear.from_linear(base, max_adapters=3, max_rank=8)
+    singles = []
+    for slot, r in enumerate([3, 8]):
+        single = pk.LoRALinear.from_linear(torch.nn.Linear(K, N, device=device), r=r, lora_alpha=2 * r)
+        with torch.no_grad():
+            single.weight.copy_(base.weight)
+            single.bias.copy_(base.bias)
+            single.lora_B.weight.normal_()
+        layer.set_slot(slot, single.lora_A.weight, single.lora_B.weight, single.scaling)
+        singles.append(single)
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    x = torch.randn(5, 7, K, device=device)
+    dy = torch.randn(5, 7, N, device=device)
+    ids = torch.tensor([0, 1, -1, 1, 0], device=device)
+    layer.adapter_ids = ids
+    layer(x).backward(dy)
+    for slot, single in enumerate(singles):
+        rows = ids == slot
+        single(x[rows]).backward(dy[rows])
+        r = single.r
+        torch.testing.assert_close(layer.lora_A.grad[slot, :r], single.lora_A.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.lora_B.grad[slot, :, :r], single.lora_B.weight.grad, rtol=1e-5, atol=1e-5)
+        assert not layer.lora_A.grad[slot, r:].any() and not layer.lora_B.grad[slot, :, r:].any()
+    assert not layer.lora_A.grad[2].any(), "an unused slot gets a zero gradient"
