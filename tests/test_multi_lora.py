@@ -110,6 +110,23 @@ def test_opcheck(device):
             torch.library.opcheck(bwd, (dy, x, w, a, B, rs, sc, t, perm, sid, slices, needs_dx, needs_dbias, "auto"))
 
 
+def _sliced_case(widths, device, seed, S=5, R=32, K=48, M=23):
+    """A fused projection of output ``widths`` over S slots, one adapter per
+    slice with random ranks up to R (slot 2 has none for slice 1)."""
+    N = sum(widths)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(device)
+    w = torch.randn(N, K, generator=g).to(device)
+    bias = torch.randn(N, generator=g).to(device)
+    A = torch.randn(S, len(widths) * R, K, generator=g).to(device)
+    B = torch.randn(S, N, R, generator=g).to(device)
+    ranks = torch.randint(1, R + 1, (len(widths), S), generator=g).to(device, torch.int32)
+    ranks[1, 2] = 0
+    scales = torch.rand(len(widths), S, generator=g).to(device)
+    ids = torch.randint(-1, S, (M,), generator=g).to(device)
+    return x, w, bias, A, B, ranks, scales, ids
+
+
 def _leaves(*tensors):
     return [t.detach().clone().requires_grad_(True) for t in tensors]
 
@@ -158,18 +175,9 @@ def test_gradients_fused_slices(widths, backend, device):
     """Gradients of a fused q/k/v projection (one adapter per slice, GQA
     widths), Triton and the reference backward, against autograd in fp64;
     x needs no gradient here (the dx GEMM is skipped)."""
-    S, R, K, M = 5, 32, 48, 23
-    N = sum(widths)
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(M, K, generator=g).to(device)
-    w = torch.randn(N, K, generator=g).to(device)
-    bias = torch.randn(N, generator=g).to(device)
-    A = torch.randn(S, len(widths) * R, K, generator=g).to(device)
-    B = torch.randn(S, N, R, generator=g).to(device)
-    ranks = torch.randint(1, R + 1, (len(widths), S), generator=g).to(device, torch.int32)
-    ranks[1, 2] = 0
-    scales = torch.rand(len(widths), S, generator=g).to(device)
-    ids = torch.randint(-1, S, (M,), generator=g).to(device)
+    x, w, bias, A, B, ranks, scales, ids = _sliced_case(widths, device, seed=8)
+    M, N = x.shape[0], w.shape[0]
+    g = torch.Generator().manual_seed(9)
     dy = torch.randn(M, N, generator=g).to(device)
     a, b = _leaves(A, B)
     y = pk.multi_lora_linear(x, w, a, b, ranks, scales, ids, bias, slices=widths, backend=backend)
@@ -206,18 +214,8 @@ def test_gradient_of_sum_and_compile(device):
 def test_fused_slices_equal_separate_projections(widths, device):
     """Fused q/k/v (GQA: k and v narrower than q): one launch over the slices
     equals one single-slice call per projection, each with its own adapter."""
-    S, R, K, M = 5, 32, 48, 23
-    N = sum(widths)
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(M, K, generator=g).to(device)
-    w = torch.randn(N, K, generator=g).to(device)
-    bias = torch.randn(N, generator=g).to(device)
-    A = torch.randn(S, len(widths) * R, K, generator=g).to(device)
-    B = torch.randn(S, N, R, generator=g).to(device)
-    ranks = torch.randint(1, R + 1, (len(widths), S), generator=g).to(device, torch.int32)
-    ranks[1, 2] = 0  # slot 2 has no k adapter
-    scales = torch.rand(len(widths), S, generator=g).to(device)
-    ids = torch.randint(-1, S, (M,), generator=g).to(device)
+    x, w, bias, A, B, ranks, scales, ids = _sliced_case(widths, device, seed=7)
+    R, N = B.shape[2], w.shape[0]
     y = pk.multi_lora_linear(x, w, A, B, ranks, scales, ids, bias, slices=widths)
     lo = 0
     for i, width in enumerate(widths):
