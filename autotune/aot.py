@@ -62,7 +62,7 @@ def _variants(kernel: str, dtype: str, index: int):
                  "kb_ptr": "*i32", "t_ptr": "*fp32"},
                 {"BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3, "SLICED_K": not fwd},
                 {"stride_xk", "stride_ak", "stride_tr"} if fwd else {"stride_xk", "stride_ar", "stride_tr"},
-                {"M", "stride_tm", "R_MAX", "SLOTS", "stride_a_slice"})
+                {"M", "stride_tm", "R_MAX", "SLOTS", "stride_a_slice", "K_PER_SPLIT"})
     if kernel == "mlora_matmul":
         return ({"x_ptr": d, "w_ptr": d, "bias_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "t_ptr": "*fp32",
                  "b_ptr": _PTR[adapter], "rank_ptr": "*i32", "scale_ptr": "*fp32", "bounds_ptr": "*i32", "y_ptr": d},

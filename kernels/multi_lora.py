@@ -36,11 +36,11 @@ def _mlora_shrink_kernel(
     a_ptr,  # [SLOTS, ...]  down projections: slice i of slot a at a·stride_as + i·stride_a_slice
     rank_ptr,  # [NUM_SLICES, SLOTS] int32  rank of each slice of each slot (0 = empty)
     kb_ptr,  # [NUM_SLICES + 1] int32  K range of each slice, read only when SLICED_K
-    t_ptr,  # [M, NUM_SLICES·R_MAX] fp32  low-rank activations, sorted order
-    M, K, R_MAX, SLOTS,
+    t_ptr,  # [SPLIT_K, M, NUM_SLICES·R_MAX] fp32  low-rank activations (partial sums), sorted order
+    M, K, R_MAX, SLOTS, K_PER_SPLIT,
     stride_xm, stride_xk,
     stride_as, stride_a_slice, stride_ar, stride_ak,
-    stride_tm, stride_tr,
+    stride_ts, stride_tm, stride_tr,
     SLICED_K: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -52,10 +52,15 @@ def _mlora_shrink_kernel(
     x is dY, A is ``lora_b`` read transposed (``stride_a_slice`` = 0) and,
     with SLICED_K, slice i reduces over its own columns kb[i]:kb[i+1] only.
 
-    Grid: (cdiv(M, BLOCK_M),). Each adapter of the tile reads its A once per
-    tile (the decode case: many adapters, few tokens each)."""
-    # ---- program ids -> sorted rows
+    Grid: (cdiv(M, BLOCK_M), SPLIT_K). Each adapter of the tile reads its A
+    once per tile (the decode case: many adapters, few tokens each). Program
+    (m, s) covers k in [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT) and writes slab s
+    of t: with few row tiles (decode) the split keeps every SM reading
+    adapters, and the caller sums the slabs in a fixed order."""
+    # ---- program ids -> sorted rows, K range of this split
     pid = tl.program_id(0)
+    split_lo = tl.program_id(1) * K_PER_SPLIT
+    t_ptr += tl.program_id(1).to(tl.int64) * stride_ts
     offs_j = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_j = offs_j < M
     sid = tl.load(sid_ptr + offs_j, mask=mask_j, other=-1)
@@ -71,11 +76,11 @@ def _mlora_shrink_kernel(
         for i in tl.static_range(NUM_SLICES):
             r_a = tl.load(rank_ptr + i * SLOTS + a)
             if SLICED_K:
-                k_lo = tl.load(kb_ptr + i)
-                k_hi = tl.load(kb_ptr + i + 1)
+                k_lo = tl.maximum(tl.load(kb_ptr + i), split_lo)
+                k_hi = tl.minimum(tl.load(kb_ptr + i + 1), split_lo + K_PER_SPLIT)
             else:
-                k_lo = 0
-                k_hi = K
+                k_lo = split_lo
+                k_hi = tl.minimum(K, split_lo + K_PER_SPLIT)
             a_base = a_ptr + a.to(tl.int64) * stride_as + i * stride_a_slice
             for r0 in range(0, r_a, BLOCK_R):
                 mask_r = (r0 + offs_r) < r_a

@@ -26,7 +26,7 @@ from ..autotune import configs as cfgs
 from ..kernels.multi_lora import _mlora_grad_kernel, _mlora_matmul_kernel, _mlora_shrink_kernel
 from . import reference as ref
 from .common import cdiv, check, dtype_name
-from .backend import call_op, check_backend, compute_capability, device_info, use_triton
+from .backend import call_op, check_backend, compute_capability, device_info, num_sms, use_triton
 
 BLOCK_R = 16  # rank step of both kernels: the tl.dot minimum
 
@@ -107,17 +107,40 @@ def _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slic
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias
 
 
+def shrink_split(m_tiles: int, K: int, block_k: int, sms: int) -> tuple[int, int]:
+    """(splits, K per split) of the shrink: with fewer row tiles than SMs
+    (decode), K is split so that about 2·SMs programs read adapters; the
+    split size is a multiple of BLOCK_K. (1, K) when the row tiles suffice."""
+    if m_tiles >= sms:
+        return 1, K
+    k_steps = cdiv(K, block_k)
+    want = min(k_steps, cdiv(2 * sms, m_tiles))
+    if want <= 1:
+        return 1, K
+    per = cdiv(k_steps, want) * block_k
+    return cdiv(K, per), per
+
+
 def _shrink(x, a, ranks, perm, sid, t, kb, K, R, S, n_sl, sliced_k, a_strides):
+    """t = A_a·x per run and slice into ``t`` (sorted rows). Entries outside
+    the rows' ranks keep t's contents when there is no K split and become
+    zero when there is one."""
     M = x.shape[0]
     dn, cc = dtype_name(x.dtype), compute_capability(x.device)
     cfg = tuning.select_memo("mlora_shrink", dn, {"K": K, "M": M}, device_info(x.device),
                              lambda: cfgs.default_mlora_shrink(M, dn, cc))
-    _mlora_shrink_kernel[(cdiv(M, cfg["BLOCK_M"]),)](
-        x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=a, rank_ptr=ranks, kb_ptr=kb, t_ptr=t,
-        M=M, K=K, R_MAX=R, SLOTS=S, stride_xm=x.stride(0), stride_xk=x.stride(1),
+    m_tiles = cdiv(M, cfg["BLOCK_M"])
+    splits, per = shrink_split(m_tiles, K, cfg["BLOCK_K"], num_sms(x.device))
+    # Partial sums of a split go to separate fp32 slabs, summed in a fixed order (no atomics).
+    out = t if splits == 1 else torch.zeros((splits, *t.shape), device=t.device, dtype=torch.float32)
+    _mlora_shrink_kernel[(m_tiles, splits)](
+        x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=a, rank_ptr=ranks, kb_ptr=kb, t_ptr=out,
+        M=M, K=K, R_MAX=R, SLOTS=S, K_PER_SPLIT=per, stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_as=a_strides[0], stride_a_slice=a_strides[1], stride_ar=a_strides[2], stride_ak=a_strides[3],
-        stride_tm=t.stride(0), stride_tr=t.stride(1), SLICED_K=sliced_k, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R,
-        **cfg.launch_kwargs())
+        stride_ts=0 if splits == 1 else out.stride(0), stride_tm=out.stride(-2), stride_tr=out.stride(-1),
+        SLICED_K=sliced_k, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
+    if splits > 1:
+        torch.sum(out, dim=0, out=t)
 
 
 def _matmul(x, w, w_strides, bias, perm, sid, t, b, b_strides, ranks, scales, bounds, y, N, K, R, S, n_sl,

@@ -15,8 +15,13 @@ def test_defaults_are_in_the_compiled_space(cc, dtype):
     matmul = {c for c, d, _ in space["lora_matmul"] if d == dtype}
     shrink = {(c, br) for c, d, br in space["lora_shrink"] if d == dtype}
     grad = {(c, br) for c, d, br in space["lora_grad"] if d == dtype}
+    mlora_grad = {c for c, d, _ in space["mlora_grad"] if d == dtype}
+    mlora_shrink = {c for c, d, _ in space["mlora_shrink"] if d == dtype}
     for M, N, K in SHAPES:
         assert C.default_lora_matmul(M, N, K, dtype, cc) in matmul, (M, N, K)
+        assert C.default_mlora_shrink(M, dtype, cc) in mlora_shrink, M
+        for r in (1, 16, 17, 64, 128, 256):
+            assert C.default_mlora_grad(r, dtype, cc) in mlora_grad, r
         for r in (1, 16, 17, 64, 128, 256):
             br = C.rank_block(r)
             assert (C.default_lora_shrink(M, K, br, dtype, cc), br) in shrink, (M, K, r)
@@ -50,3 +55,18 @@ def test_config_round_trip():
     c = C.Config.make(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     assert C.Config.from_dict(c.to_dict()) == c
     assert c.launch_kwargs() == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+@pytest.mark.parametrize("m_tiles,K,block_k,sms", [(4, 4096, 128, 132), (1, 4096, 128, 132), (64, 4096, 128, 132),
+                                                   (132, 4096, 128, 132), (3, 40, 32, 4), (1, 97, 32, 4)])
+def test_mlora_shrink_split_covers_k(m_tiles, K, block_k, sms):
+    """The multi-LoRA shrink's K split: BLOCK_K-aligned pieces that cover K
+    exactly once, about 2·SMs programs when row tiles are few, none when
+    they are not."""
+    from posttrain_kernels.ops.multi_lora import shrink_split
+    splits, per = shrink_split(m_tiles, K, block_k, sms)
+    assert (splits - 1) * per < K <= splits * per
+    if splits == 1:
+        assert per == K and (m_tiles >= sms or K <= block_k)
+    else:
+        assert per % block_k == 0 and m_tiles < sms and m_tiles * splits <= 2 * sms + m_tiles
