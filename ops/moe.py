@@ -84,35 +84,48 @@ def expert_choice_route(router_logits: Tensor, capacity: int, group_size: Option
     return gates.contiguous(), token_idx.contiguous()
 
 
+DROP_ORDERS = ("position", "probability")
+
+
 def topk_route(router_logits: Tensor, top_k: int, capacity: int, group_size: Optional[int] = None,
-               normalize: bool = True):
+               normalize: bool = True, drop_order: str = "position"):
     """Token choice: each token goes to its ``top_k`` experts (softmax over
     experts in fp32; ``normalize`` rescales the chosen probabilities to sum to
     1, as Mixtral does); each expert keeps at most ``capacity`` tokens.
 
-    Drop order (GShard's, by position): all first choices are placed before
-    any second choice, and within one choice rank tokens are placed in token
-    order; an assignment that finds its expert full is dropped (the token then
-    gets less, or nothing, from the layer). Returns ``(gates, token_idx)``
-    ``[E, capacity]`` (``[E, num_groups · capacity]`` with groups) with
-    empty slots at -1 / 0.
+    Drop order: all first choices are placed before any second choice, and
+    within one choice rank tokens are placed in token order
+    (``drop_order="position"``, GShard's) or by their top-1 router
+    probability, highest first, ties by position (``"probability"``, V-MoE's
+    batch prioritized routing); an assignment that finds its expert full is
+    dropped (the token then gets less, or nothing, from the layer). Within an
+    expert, kept slots follow that placement order. Returns ``(gates,
+    token_idx)`` ``[E, capacity]`` (``[E, num_groups · capacity]`` with
+    groups) with empty slots at -1 / 0.
     """
     _check_logits(router_logits, capacity)
     n, E = router_logits.shape
     if not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k: expected an int in [1, {E}], got {top_k!r}")
+    if drop_order not in DROP_ORDERS:
+        raise ValueError(f"drop_order: expected one of {DROP_ORDERS}, got {drop_order!r}")
     probs = torch.softmax(router_logits.float(), dim=-1)
     topv, topi = torch.topk(probs, top_k, dim=-1)  # [n, K]
+    top1 = topv[:, :1]
     if normalize:
         topv = topv / topv.sum(dim=-1, keepdim=True)
     grouped_i = _grouped(topi, group_size)  # [G, g, K]
     grouped_v = _grouped(topv, group_size)
     G, g, K = grouped_i.shape
-    # Priority order inside a group: choice rank first, then token.
+    # Priority order inside a group: choice rank first, then token (by position or by top-1 probability).
+    tok = torch.arange(g, device=topi.device).expand(G, g)
+    if drop_order == "probability":
+        tok = torch.argsort(_grouped(top1, group_size)[..., 0], dim=1, descending=True, stable=True)  # [G, g]
+        grouped_i = grouped_i.gather(1, tok[..., None].expand(G, g, K))
+        grouped_v = grouped_v.gather(1, tok[..., None].expand(G, g, K))
     choice = grouped_i.transpose(1, 2).reshape(G, K * g)  # [G, K·g]
     value = grouped_v.transpose(1, 2).reshape(G, K * g)
-    token = (torch.arange(g, device=topi.device).repeat(K)[None, :]
-             + (torch.arange(G, device=topi.device) * g)[:, None])  # [G, K·g]
+    token = tok.repeat(1, K) + (torch.arange(G, device=topi.device) * g)[:, None]  # [G, K·g]
     onehot = torch.nn.functional.one_hot(choice, E).to(torch.int32)  # [G, K·g, E]
     position = (torch.cumsum(onehot, dim=1) - 1).gather(2, choice[..., None])[..., 0]  # [G, K·g]
     keep = position < capacity

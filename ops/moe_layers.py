@@ -15,8 +15,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .moe import (capacity_from_factor, expert_choice_route, load_balancing_loss, moe_combine, moe_dispatch,
-                  router_z_loss, topk_route)
+from .moe import (DROP_ORDERS, capacity_from_factor, expert_choice_route, load_balancing_loss, moe_combine,
+                  moe_dispatch, router_z_loss, topk_route)
 
 ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
                "silu": lambda: nn.SiLU(), "relu": lambda: nn.ReLU()}
@@ -135,9 +135,10 @@ class TopKMoE(_MoEBase):
     """Token-choice top-K MoE with a capacity: each token goes to its ``top_k``
     experts (probabilities renormalised over the K when ``normalize``); each
     expert keeps at most ``capacity = ceil(capacity_factor · top_k · n / E)``
-    assignments, dropping the rest by position (all first choices before any
-    second choice, tokens in order). ``capacity_factor = E / top_k`` drops
-    nothing.
+    assignments, dropping the rest in ``drop_order`` (all first choices
+    before any second choice; tokens in order for ``"position"``, by top-1
+    router probability for ``"probability"``; see ``topk_route``).
+    ``capacity_factor = E / top_k`` drops nothing.
 
     After each forward, ``aux_losses`` holds ``z_loss`` and
     ``load_balancing_loss``.
@@ -146,19 +147,23 @@ class TopKMoE(_MoEBase):
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, top_k: int = 2,
                  capacity_factor: float = 1.25, gated: bool = True, activation="silu", bias: bool = False,
                  dropout: float = 0.0, normalize: bool = True, group_size: Optional[int] = None,
-                 capacity_multiple: int = 1, device=None, dtype=None, backend: Optional[str] = None):
+                 capacity_multiple: int = 1, drop_order: str = "position", device=None, dtype=None,
+                 backend: Optional[str] = None):
         super().__init__(d_model, d_hidden, num_experts, capacity_factor, gated, activation, bias, dropout,
                          group_size, capacity_multiple, device, dtype, backend)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k: expected in [1, {num_experts}], got {top_k}")
-        self.top_k, self.normalize = top_k, normalize
+        if drop_order not in DROP_ORDERS:
+            raise ValueError(f"drop_order: expected one of {DROP_ORDERS}, got {drop_order!r}")
+        self.top_k, self.normalize, self.drop_order = top_k, normalize, drop_order
 
     def capacity(self, n_group: int) -> int:
         return capacity_from_factor(n_group, self.num_experts, self.capacity_factor, self.top_k,
                                     self.capacity_multiple)
 
     def _route(self, logits, n_group):
-        return topk_route(logits, self.top_k, self.capacity(n_group), self.group_size, self.normalize)
+        return topk_route(logits, self.top_k, self.capacity(n_group), self.group_size, self.normalize,
+                          self.drop_order)
 
     def _aux(self, logits):
         return {"z_loss": router_z_loss(logits), "load_balancing_loss": load_balancing_loss(logits, self.top_k)}

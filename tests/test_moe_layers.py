@@ -70,6 +70,7 @@ def test_mixtral_block_conversion(device):
 @pytest.mark.parametrize("cls,kwargs", [
     (pk.ExpertChoiceMoE, dict(capacity_factor=2.0, gated=False)),
     (pk.TopKMoE, dict(top_k=2, capacity_factor=1.0, gated=True)),  # with drops
+    (pk.TopKMoE, dict(top_k=1, capacity_factor=0.75, gated=False, normalize=False, drop_order="probability")),
     (pk.ExpertChoiceMoE, dict(capacity_factor=1.0, gated=True, group_size=8)),
 ])
 def test_layer_gradients_match_reference_backend(cls, kwargs, device, monkeypatch):

@@ -63,17 +63,20 @@ def test_expert_choice_groups():
     pytest.param(1, 4, 2, 1, id="single-token"),
     pytest.param(6, 3, 3, 2, id="K=E"),
 ])
-def test_topk_metadata(n, E, K, C):
+@pytest.mark.parametrize("drop_order", ["position", "probability"])
+def test_topk_metadata(n, E, K, C, drop_order):
     logits = _logits(n, E, seed=2)
-    gates, idx = pk.topk_route(logits, K, C)
+    gates, idx = pk.topk_route(logits, K, C, drop_order=drop_order)
     assert idx.shape == (E, C) and gates.shape == (E, C)
     probs = torch.softmax(logits.float(), -1)
     topv, topi = torch.topk(probs, K, -1)
+    # Reference placement, a plain loop: choice rank first, then token order
+    # or descending top-1 probability (ties by position).
+    tokens = sorted(range(n), key=lambda t: -topv[t, 0].item()) if drop_order == "probability" else range(n)
     topv = topv / topv.sum(-1, keepdim=True)
-    # Reference placement: choice rank first, then token order.
     expected = [[] for _ in range(E)]
     for k in range(K):
-        for t in range(n):
+        for t in tokens:
             e = topi[t, k].item()
             if len(expected[e]) < C:
                 expected[e].append((t, topv[t, k].item()))
@@ -100,12 +103,28 @@ def test_topk_every_token_prefers_one_expert():
     assert (idx[[0, 1, 3]] == -1).all()
 
 
+def test_topk_probability_order_keeps_the_most_confident_tokens():
+    """Every token's first choice is expert 0, with confidence rising with
+    the token index: by probability the last C tokens keep their slot, by
+    position the first C."""
+    n, E, C = 10, 3, 4
+    logits = torch.zeros(n, E)
+    logits[:, 0] = torch.linspace(1.0, 4.0, n)
+    _, by_prob = pk.topk_route(logits, 1, C, drop_order="probability")
+    _, by_pos = pk.topk_route(logits, 1, C)
+    assert by_prob[0].tolist() == [9, 8, 7, 6]
+    assert by_pos[0].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="^drop_order"):
+        pk.topk_route(logits, 1, C, drop_order="random")
+
+
 def test_topk_groups_and_errors():
     logits = _logits(16, 4, seed=3)
-    gates, idx = pk.topk_route(logits, 2, 3, group_size=8)
-    a_g, a_i = pk.topk_route(logits[8:], 2, 3)
-    assert torch.equal(idx[:, 3:], torch.where(a_i >= 0, a_i + 8, a_i))
-    assert torch.equal(gates[:, 3:], a_g)
+    for order in ("position", "probability"):
+        gates, idx = pk.topk_route(logits, 2, 3, group_size=8, drop_order=order)
+        a_g, a_i = pk.topk_route(logits[8:], 2, 3, drop_order=order)
+        assert torch.equal(idx[:, 3:], torch.where(a_i >= 0, a_i + 8, a_i)), order
+        assert torch.equal(gates[:, 3:], a_g), order
     with pytest.raises(ValueError, match="^top_k"):
         pk.topk_route(logits, 5, 3)
     with pytest.raises(ValueError, match="^capacity"):
