@@ -108,7 +108,8 @@ def main(argv=None) -> int:
         print(f"CHECK FAILED: {r.bench} {r.shape}: relative error {r.rel_err:.2e}", file=sys.stderr)
     if not bad:
         print(f"\nself-check passed: {len({(r.bench, r.shape) for r in results})} shapes, every checked output "
-              f"(LoRA: forward and every gradient; multi-LoRA, MoE: forward) within tolerance of the reference")
+              f"(LoRA and multi-LoRA train: forward and every gradient; multi-LoRA, MoE: forward) "
+              f"within tolerance of the reference")
     return 1 if bad else 0
 
 
