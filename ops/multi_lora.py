@@ -75,17 +75,21 @@ def _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, sli
     return y, t, perm, sid
 
 
-def _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dbias):
+def _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dlora,
+                needs_dbias):
     M, K = x.shape
     N = weight.shape[0]
     S, R = lora_b.shape[0], lora_b.shape[2]
     widths = tuple(slices) if slices else (N,)
     n_sl = len(widths)
-    da = torch.zeros(lora_a.shape, device=x.device, dtype=torch.float32)
-    db = torch.zeros(lora_b.shape, device=x.device, dtype=torch.float32)
+    if needs_dlora:
+        da = torch.zeros(lora_a.shape, device=x.device, dtype=torch.float32)
+        db = torch.zeros(lora_b.shape, device=x.device, dtype=torch.float32)
+    else:
+        da, db = lora_a.new_empty(0), lora_b.new_empty(0)
     dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if needs_dx else x.new_empty(0)
     dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else dy.new_empty(0, dtype=torch.float32)
-    if M == 0:
+    if M == 0 or not (needs_dx or needs_dlora):
         return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias
     bounds = _bounds(widths, x.device)
     # dt = dY·B_a per run and slice (unscaled; its consumers apply s): B read as [R, N],
@@ -93,12 +97,13 @@ def _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slic
     dt = torch.empty((M, n_sl * R), device=x.device, dtype=torch.float32)
     _shrink(dy, lora_b, ranks, perm, sid, dt, bounds, N, R, S, n_sl, sliced_k=n_sl > 1,
             a_strides=(lora_b.stride(0), 0, lora_b.stride(2), lora_b.stride(1)))
-    # dA = s·dtᵀ·x and dB = s·dYᵀ·t, one small GEMM per adapter over its sorted rows
-    seg = torch.searchsorted(sid, torch.arange(S + 1, device=x.device, dtype=torch.int64))
-    _grad(dt, x, perm, seg, ranks, scales, bounds, da, K, R, S, n_sl,
-          o_strides=(da.stride(0), R * da.stride(1), da.stride(1), da.stride(2)), slice_cols=False)
-    _grad(t, dy, perm, seg, ranks, scales, bounds, db, N, R, S, n_sl,
-          o_strides=(db.stride(0), 0, db.stride(2), db.stride(1)), slice_cols=n_sl > 1)
+    if needs_dlora:
+        # dA = s·dtᵀ·x and dB = s·dYᵀ·t, one small GEMM per adapter over its sorted rows
+        seg = torch.searchsorted(sid, torch.arange(S + 1, device=x.device, dtype=torch.int64))
+        _grad(dt, x, perm, seg, ranks, scales, bounds, da, K, R, S, n_sl,
+              o_strides=(da.stride(0), R * da.stride(1), da.stride(1), da.stride(2)), slice_cols=False)
+        _grad(t, dy, perm, seg, ranks, scales, bounds, db, N, R, S, n_sl,
+              o_strides=(db.stride(0), 0, db.stride(2), db.stride(1)), slice_cols=n_sl > 1)
     if needs_dx:
         # dx = dY·W0 + Σ_i s·dt_i·A_a,i: W0 read as [K, N] (out = K), A as [K, R] per slice
         _matmul(dy, weight, (weight.stride(1), weight.stride(0)), None, perm, sid, dt, lora_a,
@@ -187,13 +192,15 @@ def _multi_lora_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
 
 def _multi_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
                          scales: Tensor, t: Tensor, perm: Tensor, sid: Tensor, slices: Optional[list[int]],
-                         needs_dx: bool, needs_dbias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx [M, K] or empty, dA like lora_a, dB like lora_b, dbias [N] fp32 or empty)."""
+                         needs_dx: bool, needs_dlora: bool, needs_dbias: bool,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx [M, K] or empty, dA like lora_a and dB like lora_b or both empty,
+    dbias [N] fp32 or empty)."""
     if use_triton(dy.device, backend):
         return _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
-                           needs_dbias)
+                           needs_dlora, needs_dbias)
     return ref.multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
-                                  needs_dbias)
+                                  needs_dlora, needs_dbias)
 
 
 multi_lora_fwd = torch.library.custom_op("posttrain_kernels::multi_lora_fwd", mutates_args=())(_multi_lora_fwd_impl)
@@ -208,9 +215,12 @@ def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backe
 
 
 @multi_lora_bwd.register_fake
-def _(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dbias, backend):
+def _(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dlora, needs_dbias,
+      backend):
     dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
     dbias = dy.new_empty((dy.shape[1],) if needs_dbias else (0,), dtype=torch.float32)
+    if not needs_dlora:
+        return dx, lora_a.new_empty(0), lora_b.new_empty(0), dbias
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), dbias
 
 
@@ -235,8 +245,10 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy, _dt, _dperm, _dsid):
         x, weight, lora_a, lora_b, ranks, scales, t, perm, sid = ctx.saved_tensors
         needs_dx, needs_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        needs_dlora = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         dx, da, db, dbias = call_op(multi_lora_bwd, _multi_lora_bwd_impl, dy, x, weight, lora_a, lora_b, ranks,
-                                    scales, t, perm, sid, ctx.slices, needs_dx, needs_dbias, ctx.backend)
+                                    scales, t, perm, sid, ctx.slices, needs_dx, needs_dlora, needs_dbias,
+                                    ctx.backend)
         return (dx if needs_dx else None, None, dbias.to(ctx.bias_dtype) if needs_dbias else None,
                 da if ctx.needs_input_grad[3] else None, db if ctx.needs_input_grad[4] else None,
                 None, None, None, None, None)

@@ -186,11 +186,11 @@ def multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_i
 
 
 def multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices=None,
-                       needs_dx=True, needs_dbias=False):
+                       needs_dx=True, needs_dlora=True, needs_dbias=False):
     """``(dx, dA, dB, dbias)`` of ``multi_lora_fwd_ref`` for the gradient
     ``dy [M, N]``, one adapter at a time. dA/dB are zero outside each slot's
-    ranks (and for slots no row uses); dx and dbias are empty when not asked
-    for, as the op returns them."""
+    ranks (and for slots no row uses); dx, dA/dB and dbias are empty when
+    not asked for, as the op returns them."""
     n_sl = 1 if slices is None else len(slices)
     widths = list(slices) if slices is not None else [weight.shape[0]]
     R = lora_b.shape[2]
@@ -221,4 +221,6 @@ def multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, si
     else:
         dx = x.new_empty(0)
     dbias = dy.float().sum(0) if needs_dbias else dy.new_empty(0, dtype=torch.float32)
+    if not needs_dlora:
+        return dx, lora_a.new_empty(0), lora_b.new_empty(0), dbias
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias
