@@ -5,6 +5,8 @@ A pool swaps the targeted ``nn.Linear`` modules of any model for
 ``pool.load(name, path)`` reads a PEFT adapter directory into a free slot of
 every targeted layer; ``with pool.batch(names): model(...)`` runs one forward
 in which each batch row uses its own adapter (``None``: the base model).
+``pool.add`` / ``trainable_parameters`` / ``save`` train several new adapters
+in one mixed batch and write each in PEFT's format.
 No Triton here: the layers call ``multi_lora_linear``.
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .adapters import _matches, _set_submodule, read_adapter
+from .adapters import _matches, _set_submodule, read_adapter, scaling_of, write_adapter
+from .layers import init_lora_
 from .multi_lora import multi_lora_linear
 
 
@@ -145,6 +148,7 @@ class AdapterPool:
             _set_submodule(model, n, layer)
             self.layers[n] = layer
         self.slots: dict[str, int] = {}  # adapter name -> slot
+        self._rslora: dict[str, bool] = {}  # adapter name -> rsLoRA scaling (for save)
         self._last_used: dict[str, int] = {}
         self._clock = 0
 
@@ -182,31 +186,103 @@ class AdapterPool:
                                  f"[{layer.out_features}, {layer.in_features}] linear")
             if r > self.max_rank:
                 raise ValueError(f"path: {module}: rank {r} exceeds the pool's max_rank={self.max_rank}")
-            alpha = config.get("alpha_pattern", {}).get(module.split(".")[-1], config["lora_alpha"])
-            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            _, scale = scaling_of(config, module, r)
             plan.append((layer, A, B, scale))
-        free = [s for s in range(self.max_adapters) if s not in self.slots.values()]
-        if not free:
-            if not evict:
-                raise RuntimeError(f"adapter pool is full ({self.max_adapters} adapters: {self.names}); unload one "
-                                   f"or load with evict=True")
-            lru = min(self._last_used, key=self._last_used.get)
-            free = [self.slots[lru]]
-            self.unload(lru)
-        slot = free[0]
+        slot = self._free_slot(evict)
         for layer in self.layers.values():  # layers the adapter does not cover get an empty slot
             layer.clear_slot(slot)
         for layer, A, B, scale in plan:
             layer.set_slot(slot, A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype), scale)
         self.slots[name] = slot
+        self._rslora[name] = bool(config.get("use_rslora"))
         self._touch(name)
         return slot
 
+    def _free_slot(self, evict: bool) -> int:
+        free = [s for s in range(self.max_adapters) if s not in self.slots.values()]
+        if free:
+            return free[0]
+        if not evict:
+            raise RuntimeError(f"adapter pool is full ({self.max_adapters} adapters: {self.names}); unload one "
+                               f"or pass evict=True")
+        lru = min(self._last_used, key=self._last_used.get)
+        slot = self.slots[lru]
+        self.unload(lru)
+        return slot
+
+    def add(self, name: str, r: int = 8, lora_alpha: float = 8, use_rslora: bool = False,
+            init_lora_weights: Union[bool, str] = "kaiming", evict: bool = False) -> int:
+        """A new adapter of rank ``r`` on every layer of the pool, initialised
+        as PEFT does (``init_lora_weights`` as in ``LoRALinear``), in a free
+        slot; returns the slot. For training several adapters in one mixed
+        batch: see ``trainable_parameters``, then ``save``."""
+        if name in self.slots:
+            raise ValueError(f"name: adapter {name!r} is already loaded in slot {self.slots[name]}")
+        if not isinstance(r, int) or not 1 <= r <= self.max_rank:
+            raise ValueError(f"r: expected an int in [1, max_rank={self.max_rank}], got {r!r}")
+        init_lora_(torch.empty(1, 1), torch.empty(1, 1), init_lora_weights)  # validates before any change
+        slot = self._free_slot(evict)
+        scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        for layer in self.layers.values():
+            a = torch.empty(r, layer.in_features, device=layer.lora_A.device, dtype=torch.float32)
+            b = torch.empty(layer.out_features, r, device=layer.lora_B.device, dtype=torch.float32)
+            init_lora_(a, b, init_lora_weights)
+            layer.set_slot(slot, a, b, scale)
+        self.slots[name] = slot
+        self._rslora[name] = use_rslora
+        self._touch(name)
+        return slot
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        """The slot stacks (``lora_A``, ``lora_B`` of every layer), made to
+        require grad, for an optimizer: one mixed batch trains every adapter
+        it uses. The stacks hold every slot, so slots absent from a batch get
+        zero gradients; an optimizer with decoupled weight decay (AdamW)
+        would still shrink them, so train with ``weight_decay=0`` or with only
+        the adapters being trained loaded. Rank padding gets zero gradients
+        and stays zero. Reset the optimizer's state when slots change hands."""
+        out = []
+        for layer in self.layers.values():
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+            out += [layer.lora_A, layer.lora_B]
+        return out
+
+    @torch.no_grad()
+    def save(self, name: str, path, base_model_name_or_path: Optional[str] = None) -> None:
+        """Write adapter ``name`` as PEFT's ``save_pretrained`` does, so that
+        ``peft.PeftModel.from_pretrained`` (or ``pool.load``) reads it back:
+        the layers it covers (rank > 0), with ``rank_pattern`` /
+        ``alpha_pattern`` for layers whose rank or alpha differ from the first."""
+        slot = self.slot(name)
+        if self.layers[next(iter(self.layers))].slices is not None:
+            raise ValueError("save: fused-slice layers have no PEFT layout")
+        rslora = self._rslora.get(name, False)
+        tensors, ranks, alphas = {}, {}, {}
+        for n, layer in self.layers.items():
+            r = int(layer.ranks[slot])
+            if r == 0:
+                continue
+            alpha = float(layer.scales[slot]) * (math.sqrt(r) if rslora else r)
+            ranks[n], alphas[n] = r, int(round(alpha)) if abs(alpha - round(alpha)) < 1e-4 else alpha
+            tensors[n] = (layer.lora_A[slot, :r], layer.lora_B[slot, :, :r])
+        if not tensors:
+            raise ValueError(f"name: adapter {name!r} covers no layer")
+        first = next(iter(tensors))
+        suffixes = {n.split(".")[-1] for n in tensors}
+        same_set = {n for n in self.layers if n.split(".")[-1] in suffixes} == set(tensors)
+        write_adapter(path, tensors, ranks[first], alphas[first], sorted(suffixes if same_set else tensors),
+                      use_rslora=rslora, rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
+                      alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
+                      base_model_name_or_path=base_model_name_or_path)
+
     def unload(self, name: str) -> None:
+        """Free the adapter's slot in every layer (its rank becomes 0)."""
         slot = self.slot(name)
         for layer in self.layers.values():
             layer.clear_slot(slot)
         del self.slots[name]
+        self._rslora.pop(name, None)
         self._last_used.pop(name, None)
 
     def _touch(self, name: str) -> None:

@@ -67,10 +67,44 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def pattern_value(config: dict, field: str, name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that
+    matches the end of the module name (a suffix such as ``q_proj`` or a full
+    name), else ``default``."""
+    for key, value in (config.get(field) or {}).items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def write_adapter(path: Union[str, os.PathLike], tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  r: int, lora_alpha: float, target_modules: list[str], lora_dropout: float = 0.0,
+                  use_rslora: bool = False, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                  base_model_name_or_path: Optional[str] = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as
+    PEFT's ``save_pretrained`` does; ``tensors``: module name -> (A [r, in], B [out, r])."""
+    from safetensors.torch import save_file
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout, "use_rslora": use_rslora, "bias": "none",
+        "target_modules": target_modules, "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "base_model_name_or_path": base_model_name_or_path, "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {},
+    }
+    flat = {}
+    for n, (a, b) in tensors.items():
+        flat[f"{_PREFIX}{n}.lora_A.weight"] = a.detach().contiguous()
+        flat[f"{_PREFIX}{n}.lora_B.weight"] = b.detach().contiguous()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(flat, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None) -> None:
     """Write the model's LoRA adapters in PEFT's format (one adapter; every
     layer must share r, alpha, dropout and rsLoRA, as one PEFT config does)."""
-    from safetensors.torch import save_file
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("model: has no LoRALinear layer (call apply_lora first)")
@@ -81,21 +115,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], base_model_nam
             raise ValueError(f"model: layer {n} has other LoRA settings than {next(iter(layers))}")
         if m.merged:
             raise ValueError(f"model: layer {n} is merged; unmerge before saving the adapter")
-    config = {
-        "peft_type": "LORA", "task_type": None, "r": first.r, "lora_alpha": first.lora_alpha,
-        "lora_dropout": first.lora_dropout, "use_rslora": first.use_rslora, "bias": "none",
-        "target_modules": sorted({n.split(".")[-1] for n in layers}), "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "base_model_name_or_path": base_model_name_or_path, "rank_pattern": {}, "alpha_pattern": {},
-    }
-    tensors = {}
-    for n, m in layers.items():
-        tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    write_adapter(path, {n: (m.lora_A.weight, m.lora_B.weight) for n, m in layers.items()}, first.r,
+                  first.lora_alpha, sorted({n.split(".")[-1] for n in layers}), first.lora_dropout,
+                  first.use_rslora, base_model_name_or_path=base_model_name_or_path)
 
 
 def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -134,8 +156,9 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, dict[st
     return config, layers
 
 
-def _scaling(config: dict, name: str, r: int) -> tuple[int, float]:
-    alpha = config.get("alpha_pattern", {}).get(name.split(".")[-1], config["lora_alpha"])
+def scaling_of(config: dict, name: str, r: int) -> tuple[float, float]:
+    """(lora_alpha, scale) of module ``name`` with rank r under a PEFT config."""
+    alpha = pattern_value(config, "alpha_pattern", name, config["lora_alpha"])
     return alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
@@ -155,7 +178,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
             raise ValueError(f"path: {name} is a {type(module).__name__}, not a Linear")
         out_f, in_f = (module.out_features, module.in_features)
         A, B = pair["A"], pair["B"]
-        r = config.get("rank_pattern", {}).get(name.split(".")[-1], config["r"])
+        r = pattern_value(config, "rank_pattern", name, config["r"])
         if A.dim() != 2 or B.dim() != 2 or A.shape != (A.shape[0], in_f) or B.shape != (out_f, A.shape[0]):
             raise ValueError(f"path: {name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
                              f"[{out_f}, {in_f}] linear")
@@ -163,7 +186,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
             raise ValueError(f"path: {name}: rank {A.shape[0]} differs from the config's r={r}")
         plan.append((name, module, A, B, r))
     for name, module, A, B, r in plan:  # all checks passed: now change the model
-        alpha, _ = _scaling(config, name, r)
+        alpha, _ = scaling_of(config, name, r)
         if isinstance(module, LoRALinear) and module.r == r:
             layer = module
             layer.lora_alpha, layer.use_rslora = alpha, bool(config.get("use_rslora"))

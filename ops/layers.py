@@ -12,6 +12,24 @@ from torch import nn
 from .lora import MAX_RANK, lora_linear
 
 
+@torch.no_grad()
+def init_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, init_lora_weights: Union[bool, str] = "kaiming") -> None:
+    """PEFT's initialisation of ``lora_a [r, in]`` and ``lora_b [out, r]``, in
+    place: ``"kaiming"`` / ``True`` (A kaiming-uniform with a=√5, B zero),
+    ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``False`` (B kaiming-uniform too:
+    the adapter is not a no-op; for tests)."""
+    if init_lora_weights not in (True, False, "kaiming", "gaussian"):
+        raise ValueError(f"init_lora_weights: expected True, False, 'kaiming' or 'gaussian', got {init_lora_weights!r}")
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(lora_a, std=1.0 / lora_a.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(lora_b)
+
+
 class LoRALinear(nn.Module):
     """Drop-in ``nn.Linear`` with a LoRA adapter: ``y = W0·x + s·B(A·dropout(x)) + b``.
 
@@ -73,16 +91,8 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters(init_lora_weights)
 
-    @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = "kaiming") -> None:
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B.weight)
+        init_lora_(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A in fp32, the [out, in] update a merge adds to the weight."""

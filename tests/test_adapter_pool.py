@@ -2,8 +2,10 @@
 logits for a mixed batch equal PEFT's mixed-batch logits (``adapter_names=``)
 for the same adapters; per-token ids; malformed or mismatched adapters raise
 and leave the pool exactly as it was; a full pool raises or evicts the least
-recently used adapter."""
+recently used adapter; adapters trained in one mixed batch get PEFT's
+gradients and save to directories PEFT loads (rank/alpha patterns kept)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -25,13 +27,16 @@ def _llama():
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """Three PEFT adapters of different ranks, alphas and targets, saved with save_pretrained."""
+    """PEFT adapters of different ranks, alphas and targets (d: per-module rank
+    and alpha patterns), saved with save_pretrained."""
     out = {}
-    for i, (name, r, alpha, targets) in enumerate([("a", 4, 8, TARGETS), ("b", 8, 4, ["q_proj", "v_proj"]),
-                                                   ("c", 16, 16, ["o_proj", "up_proj"])]):
+    patterns = dict(rank_pattern={"o_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})
+    for i, (name, r, alpha, targets, extra) in enumerate([
+            ("a", 4, 8, TARGETS, {}), ("b", 8, 4, ["q_proj", "v_proj"], {}), ("c", 16, 16, ["o_proj", "up_proj"], {}),
+            ("d", 4, 8, ["q_proj", "o_proj"], patterns)]):
         torch.manual_seed(10 + i)
         model = peft.get_peft_model(_llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                              init_lora_weights=False))
+                                                              init_lora_weights=False, **extra))
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(str(path))
         out[name] = path
@@ -120,3 +125,80 @@ def test_full_pool_raises_or_evicts_lru(adapters, device):
     assert all((layer.ranks[0] == 0).item() for layer in pool.layers.values()), "unload empties the slot"
     with pytest.raises(KeyError):
         pool.slot("b1")
+
+
+def _peft_lora(peft_model, name, which):
+    return peft_model.base_model.model.get_submodule(name).__getattr__(f"lora_{which}")["default"].weight
+
+
+def test_train_adapters_in_one_mixed_batch_like_peft(tmp_path, device):
+    """Two new adapters (ranks 4 and 8, one with rsLoRA) trained in one mixed
+    batch: each slot's gradient equals PEFT's gradient of that adapter on its
+    own rows; after an optimizer step, ``save`` writes adapters that PEFT,
+    and a fresh pool, load back with the pool's logits."""
+    model = _llama().to(device)
+    base = copy.deepcopy(model)
+    pool = pk.AdapterPool(model, target_modules=TARGETS, max_adapters=3, max_rank=8)
+    torch.manual_seed(1)
+    pool.add("a", r=4, lora_alpha=8, init_lora_weights=False)
+    pool.add("b", r=8, lora_alpha=4, use_rslora=True, init_lora_weights=False)
+    for name in ("a", "b"):
+        pool.save(name, tmp_path / f"init-{name}")
+    params = pool.trainable_parameters()
+    ids = _ids(device, rows=4)
+    rows = ["a", "b", None, "a"]
+    with pool.batch(rows):
+        logits = model(ids).logits
+    cot = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    (logits * cot).sum().backward()
+
+    for name in ("a", "b"):
+        ref_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / f"init-{name}"),
+                                                   is_trainable=True)
+        mine = [i for i, n in enumerate(rows) if n == name]
+        (ref_model(ids[mine]).logits * cot[mine]).sum().backward()
+        slot = pool.slot(name)
+        for n, layer in pool.layers.items():
+            r = int(layer.ranks[slot])
+            torch.testing.assert_close(layer.lora_A.grad[slot, :r], _peft_lora(ref_model, n, "A").grad,
+                                       rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {n} dA: {m}")
+            torch.testing.assert_close(layer.lora_B.grad[slot, :, :r], _peft_lora(ref_model, n, "B").grad,
+                                       rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {n} dB: {m}")
+    assert all(not layer.lora_A.grad[2].any() for layer in pool.layers.values()), "the free slot gets no gradient"
+
+    torch.optim.SGD(params, lr=0.5).step()
+    for name in ("a", "b"):
+        pool.save(name, tmp_path / name)
+        with torch.no_grad(), pool.batch([name] * 2):
+            got = model(ids[:2]).logits
+        want = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / name))(ids[:2]).logits
+        torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        fresh = pk.AdapterPool(copy.deepcopy(base), target_modules=TARGETS, max_adapters=1, max_rank=8)
+        fresh.load(name, tmp_path / name)
+        with torch.no_grad(), fresh.batch([name] * 2):
+            torch.testing.assert_close(fresh.model(ids[:2]).logits, got, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="^r"):
+        pool.add("c", r=9)
+    with pytest.raises(ValueError, match="^init_lora_weights"):
+        pool.add("c", r=2, init_lora_weights="orthogonal")
+    assert pool.names == ["a", "b"], "a rejected add leaves the pool as it was"
+
+
+def test_save_keeps_rank_and_alpha_patterns(adapters, tmp_path, device):
+    """An adapter whose modules differ in rank and alpha (PEFT's rank_pattern /
+    alpha_pattern) goes through load and save unchanged: PEFT reads the saved
+    directory back with the pool's logits."""
+    base = _llama().to(device)
+    pool = pk.AdapterPool(copy.deepcopy(base), target_modules=TARGETS, max_adapters=2, max_rank=8)
+    pool.load("d", adapters["d"])
+    ids = _ids(device, rows=2)
+    with torch.no_grad(), pool.batch(["d", "d"]):
+        got = pool.model(ids).logits
+    want = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapters["d"]))(ids).logits
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-4)
+    pool.save("d", tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["o_proj", "q_proj"]
+    assert set(config["rank_pattern"].values()) == {2} and set(config["alpha_pattern"].values()) == {3}
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))(ids).logits
+    torch.testing.assert_close(got, again.detach(), rtol=1e-4, atol=1e-4)
