@@ -26,8 +26,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
     > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-step gpu-tests 90 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider
-step bench 150 python3 -m posttrain_kernels.bench bench all --quick --md "$OUT/bench.md" --json "$OUT/bench.json"
+step gpu-tests 240 python3 -m pytest tests -m gpu -q -p no:cacheprovider -rf
+step bench 240 python3 -m posttrain_kernels.bench bench all --quick --md "$OUT/bench.md" --json "$OUT/bench.json"
 step tune 120 python3 -m posttrain_kernels.bench tune --shape 4096,4096 --tokens 8192 --rank 16 \
     --output "$OUT/tuned.json"
 step cuda-tests 200 python3 -m pytest tests -m "not gpu and not aot" -q -n 8 -p no:cacheprovider
