@@ -56,25 +56,29 @@ def _variants(kernel: str, dtype: str, index: int):
                 {"HAS_DROPOUT": fwd}, ones, plain | {"stride_tm"} | ({"stride_op"} if fwd else set()))
     # Multi-LoRA: even configs compile the forward layout with one slice (pool
     # adapters fp32), odd ones the backward layout (transposed adapter reads,
-    # three sliced projections, adapters in the compute dtype).
+    # three sliced projections, adapters in the compute dtype); dropout is on
+    # where that layout can have it (shrink forward, dA, dx).
     if kernel == "mlora_shrink":
         return ({"x_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "a_ptr": _PTR[adapter], "rank_ptr": "*i32",
-                 "kb_ptr": "*i32", "t_ptr": "*fp32"},
-                {"BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3, "SLICED_K": not fwd},
+                 "kb_ptr": "*i32", "t_ptr": "*fp32", "seed_ptr": "*i32", "thr_ptr": "*i32", "inv_ptr": "*fp32"},
+                {"BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3, "SLICED_K": not fwd, "HAS_DROPOUT": fwd},
                 {"stride_xk", "stride_ak", "stride_tr"} if fwd else {"stride_xk", "stride_ar", "stride_tr"},
                 {"M", "stride_tm", "R_MAX", "SLOTS", "stride_a_slice", "K_PER_SPLIT"})
     if kernel == "mlora_matmul":
         return ({"x_ptr": d, "w_ptr": d, "bias_ptr": d, "perm_ptr": "*i64", "sid_ptr": "*i64", "t_ptr": "*fp32",
-                 "b_ptr": _PTR[adapter], "rank_ptr": "*i32", "scale_ptr": "*fp32", "bounds_ptr": "*i32", "y_ptr": d},
-                {"HAS_BIAS": fwd, "BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3, "SLICE_COLS": fwd},
+                 "b_ptr": _PTR[adapter], "rank_ptr": "*i32", "scale_ptr": "*fp32", "bounds_ptr": "*i32", "y_ptr": d,
+                 "seed_ptr": "*i32", "thr_ptr": "*i32", "inv_ptr": "*fp32"},
+                {"HAS_BIAS": fwd, "BLOCK_R": 16, "NUM_SLICES": 1 if fwd else 3, "SLICE_COLS": fwd,
+                 "HAS_DROPOUT": not fwd},
                 ({"stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"} if fwd
                  else {"stride_xk", "stride_wn", "stride_tr", "stride_bn", "stride_yn"}),
                 {"M", "stride_tm", "stride_bn", "R_MAX", "SLOTS", "stride_b_slice"})
     if kernel == "mlora_grad":
         # Forward layout here = dA (o rows along R, slices stacked); backward = dB (o read transposed).
         return ({"p_ptr": "*fp32", "q_ptr": d, "perm_ptr": "*i64", "seg_ptr": "*i64", "rank_ptr": "*i32",
-                 "scale_ptr": "*fp32", "bounds_ptr": "*i32", "o_ptr": "*fp32"},
-                {"NUM_SLICES": 1 if fwd else 3, "SLICE_COLS": not fwd},
+                 "scale_ptr": "*fp32", "bounds_ptr": "*i32", "o_ptr": "*fp32", "seed_ptr": "*i32", "thr_ptr": "*i32",
+                 "inv_ptr": "*fp32"},
+                {"NUM_SLICES": 1 if fwd else 3, "SLICE_COLS": not fwd, "HAS_DROPOUT": fwd},
                 {"stride_pr", "stride_qd", "stride_od"} if fwd else {"stride_pr", "stride_qd", "stride_or"},
                 {"M", "stride_pm", "R_MAX", "SLOTS", "stride_o_slice"})
     if kernel == "moe_gather":

@@ -17,7 +17,7 @@ dx = dY·W0 + s·dt·A_a; ``_mlora_grad_kernel`` gives dA and dB per adapter.
 import triton
 import triton.language as tl
 
-from .common import gemm_tile, grouped_pid, mma
+from .common import dropout_keep, gemm_tile, grouped_pid, mma
 
 _NO_ADAPTER = tl.constexpr(2 ** 30)  # larger than any slot id
 
@@ -37,15 +37,20 @@ def _mlora_shrink_kernel(
     rank_ptr,  # [NUM_SLICES, SLOTS] int32  rank of each slice of each slot (0 = empty)
     kb_ptr,  # [NUM_SLICES + 1] int32  K range of each slice, read only when SLICED_K
     t_ptr,  # [SPLIT_K, M, NUM_SLICES·R_MAX] fp32  low-rank activations (partial sums), sorted order
+    seed_ptr,  # [NUM_SLICES] int32  dropout seed of each slice, read only when HAS_DROPOUT
+    thr_ptr,  # [SLOTS] int32  dropout threshold round(p_a·2**24) of each slot, read only when HAS_DROPOUT
+    inv_ptr,  # [SLOTS] fp32  1 / (1 - p_a), read only when HAS_DROPOUT
     M, K, R_MAX, SLOTS, K_PER_SPLIT,
     stride_xm, stride_xk,
     stride_as, stride_a_slice, stride_ar, stride_ak,
     stride_ts, stride_tm, stride_tr,
-    SLICED_K: tl.constexpr, NUM_SLICES: tl.constexpr,
+    SLICED_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """t[j, i·R_MAX + :r_ai] = A_a,i · x[perm[j]] for each sorted row j with
-    slot a ≥ 0 and each slice i.
+    """t[j, i·R_MAX + :r_ai] = A_a,i · drop(x[perm[j]]) for each sorted row j
+    with slot a ≥ 0 and each slice i. With HAS_DROPOUT (forward only), x's
+    element (row, k) survives when keep(seed_i, original row, k, thr_a), and
+    t is scaled by 1/(1-p_a): each slot has its own rate, each slice its own mask.
 
     Forward: A is ``lora_a [SLOTS, NUM_SLICES·R_MAX, K]`` (``stride_a_slice``
     = R_MAX rows) and every slice reduces over all of K. Backward (dt = dY·B):
@@ -82,6 +87,9 @@ def _mlora_shrink_kernel(
                 k_lo = split_lo
                 k_hi = tl.minimum(K, split_lo + K_PER_SPLIT)
             a_base = a_ptr + a.to(tl.int64) * stride_as + i * stride_a_slice
+            if HAS_DROPOUT:
+                seed = tl.load(seed_ptr + i).to(tl.uint32)
+                thr = tl.load(thr_ptr + a)
             for r0 in range(0, r_a, BLOCK_R):
                 mask_r = (r0 + offs_r) < r_a
                 acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -90,9 +98,13 @@ def _mlora_shrink_kernel(
                     mask_k = ks < k_hi
                     x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                                 mask=in_run[:, None] & mask_k[None, :], other=0.0)
+                    if HAS_DROPOUT:
+                        x = tl.where(dropout_keep(seed, rows[:, None], ks[None, :], thr), x, 0.0)
                     w = tl.load(a_base + (r0 + offs_r)[None, :] * stride_ar + ks[:, None] * stride_ak,
                                 mask=mask_k[:, None] & mask_r[None, :], other=0.0)
                     acc = mma(x, w.to(x.dtype), acc)
+                if HAS_DROPOUT:
+                    acc = acc * tl.load(inv_ptr + a)
                 r_cols = i * R_MAX + r0 + offs_r
                 tl.store(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm + r_cols[None, :] * stride_tr, acc,
                          mask=in_run[:, None] & mask_r[None, :])
@@ -113,12 +125,15 @@ def _mlora_matmul_kernel(
     scale_ptr,  # [NUM_SLICES, SLOTS] fp32
     bounds_ptr,  # [NUM_SLICES + 1] int32  first column of each slice, then N; read only when SLICE_COLS
     y_ptr,  # [M, N]  output, original order
+    seed_ptr,  # [NUM_SLICES] int32  dropout seeds, read only when HAS_DROPOUT (backward dx)
+    thr_ptr,  # [SLOTS] int32  dropout thresholds, read only when HAS_DROPOUT
+    inv_ptr,  # [SLOTS] fp32  1 / (1 - p_a), read only when HAS_DROPOUT
     M, N, K, R_MAX, SLOTS,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_tm, stride_tr,
     stride_bs, stride_b_slice, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, SLICE_COLS: tl.constexpr, NUM_SLICES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SLICE_COLS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -129,7 +144,10 @@ def _mlora_matmul_kernel(
     slice i owns columns bounds[i]:bounds[i+1]; a tile that straddles a slice
     boundary handles each slice it holds. Backward (dx = dY·W0 + Σ_i s·dt_i·A_i):
     x is dY, W0 is read transposed, B is ``lora_a`` read transposed
-    (``stride_b_slice`` = R_MAX rows) and every slice adds to every column.
+    (``stride_b_slice`` = R_MAX rows) and every slice adds to every column;
+    with HAS_DROPOUT each (run, slice) term is masked by the forward's keep
+    mask on (original row, column) and scaled by 1/(1-p_a) before it joins
+    the accumulator.
 
     Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),). The base GEMM and every
     adapter's expand land in one fp32 accumulator; y is written once, to the
@@ -169,6 +187,8 @@ def _mlora_matmul_kernel(
                 r_a = tl.load(rank_ptr + i * SLOTS + a)
             s_a = tl.load(scale_ptr + i * SLOTS + a)
             b_base = b_ptr + a.to(tl.int64) * stride_bs + i * stride_b_slice
+            if HAS_DROPOUT:
+                lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, r_a, BLOCK_R):
                 mask_r = (r0 + offs_r) < r_a
                 t = tl.load(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm
@@ -176,7 +196,15 @@ def _mlora_matmul_kernel(
                             mask=in_run[:, None] & mask_r[None, :], other=0.0)
                 u = tl.load(b_base + cols[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br,
                             mask=mask_r[:, None] & in_slice[None, :], other=0.0)
-                acc = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), acc)
+                if HAS_DROPOUT:
+                    lora = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), lora)
+                else:
+                    acc = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), acc)
+            if HAS_DROPOUT:
+                # rows outside the run hold zeros in lora: the mask needs no run test
+                keep = dropout_keep(tl.load(seed_ptr + i).to(tl.uint32), rows[:, None], cols[None, :],
+                                    tl.load(thr_ptr + a))
+                acc += tl.where(keep, lora * tl.load(inv_ptr + a), 0.0)
         a = _next_adapter(sid, valid, a)
 
     # ---- epilogue
@@ -196,10 +224,13 @@ def _mlora_grad_kernel(
     scale_ptr,  # [NUM_SLICES, SLOTS] fp32
     bounds_ptr,  # [NUM_SLICES + 1] int32  column range of each slice, read only when SLICE_COLS
     o_ptr,  # fp32 gradient: element (r, d) of slice i of slot a at a·stride_os + i·stride_o_slice + ...
+    seed_ptr,  # [NUM_SLICES] int32  dropout seeds, read only when HAS_DROPOUT (dA: q = drop(x))
+    thr_ptr,  # [SLOTS] int32  dropout thresholds, read only when HAS_DROPOUT
+    inv_ptr,  # [SLOTS] fp32  1 / (1 - p_a), read only when HAS_DROPOUT
     M, D, R_MAX, SLOTS,
     stride_pm, stride_pr, stride_qm, stride_qd,
     stride_os, stride_o_slice, stride_or, stride_od,
-    SLICE_COLS: tl.constexpr, NUM_SLICES: tl.constexpr,
+    SLICE_COLS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """o[a, slice i, r, d] = s_a,i · Σ_{sorted rows j of slot a} p[j, i·R_MAX + r] · q[perm[j], d]
@@ -208,7 +239,9 @@ def _mlora_grad_kernel(
     dA: p = dt, q = x, o = dA ``[SLOTS, NUM_SLICES·R_MAX, K]`` (``stride_o_slice``
     = R_MAX rows), every slice over all of K. dB: p = t, q = dY, o = dB
     ``[SLOTS, N, R_MAX]`` read as [r, n] (``stride_o_slice`` = 0), and with
-    SLICE_COLS slice i only on its columns bounds[i]:bounds[i+1].
+    SLICE_COLS slice i only on its columns bounds[i]:bounds[i+1]. With
+    HAS_DROPOUT (dA), q is the forward's dropped x: masked by keep(seed_i,
+    original row, d, thr_a) and scaled by 1/(1-p_a).
 
     Grid: (SLOTS, cdiv(R_MAX, BLOCK_R), cdiv(D, BLOCK_D)). Each program sums
     its adapter's rows in sorted order: deterministic, no atomics. Elements
@@ -232,6 +265,9 @@ def _mlora_grad_kernel(
         # A rank block past this slice's rank, or a column block outside it: nothing to do.
         if (r0 < r_a) & (tl.max(in_cols.to(tl.int32), axis=0) > 0):
             mask_r = offs_r < r_a
+            if HAS_DROPOUT:
+                seed = tl.load(seed_ptr + i).to(tl.uint32)
+                thr = tl.load(thr_ptr + a)
             acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
             for m0 in range(start, end, BLOCK_M):
                 offs_j = m0 + offs_m
@@ -241,7 +277,11 @@ def _mlora_grad_kernel(
                             mask=mask_r[:, None] & mask_j[None, :], other=0.0)
                 q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                             mask=mask_j[:, None] & in_cols[None, :], other=0.0)
+                if HAS_DROPOUT:
+                    q = tl.where(dropout_keep(seed, rows[:, None], offs_d[None, :], thr), q, 0.0)
                 acc = mma(p.to(q.dtype), q, acc)
             s_a = tl.load(scale_ptr + i * SLOTS + a)
+            if HAS_DROPOUT:
+                s_a = s_a * tl.load(inv_ptr + a)
             tl.store(o_base + i * stride_o_slice + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od,
                      acc * s_a, mask=mask_r[:, None] & in_cols[None, :])

@@ -77,16 +77,24 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(max_adapters, self.out_features, max_rank, **kw))
         self.register_buffer("ranks", torch.zeros(rs, dtype=torch.int32, device=kw["device"]))
         self.register_buffer("scales", torch.zeros(rs, dtype=torch.float32, device=kw["device"]))
+        # LoRA dropout per slot, applied in training mode (host copy: decides whether to pass it, no sync)
+        self.register_buffer("lora_dropout", torch.zeros(max_adapters, dtype=torch.float32, device=kw["device"]))
+        self._dropout: dict[int, float] = {}
         self.adapter_ids: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 slice_index: Optional[int] = None) -> None:
+                 slice_index: Optional[int] = None, dropout: float = 0.0) -> None:
         """Write one adapter (``lora_a [r, in]``, ``lora_b [out or slice width, r]``)
-        into ``slot`` (of slice ``slice_index`` for a fused projection)."""
+        into ``slot`` (of slice ``slice_index`` for a fused projection), with
+        its LoRA dropout rate (the slot's, shared by its slices)."""
         r = lora_a.shape[0]
         if r > self.max_rank:
             raise ValueError(f"lora_a: rank {r} exceeds max_rank={self.max_rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a rate in [0, 1), got {dropout!r}")
+        self.lora_dropout[slot] = dropout
+        self._dropout[slot] = float(dropout)
         if self.slices is None:
             self.lora_A[slot].zero_()
             self.lora_B[slot].zero_()
@@ -111,6 +119,8 @@ class MultiLoRALinear(nn.Module):
         self.lora_B[slot].zero_()
         self.ranks[..., slot] = 0
         self.scales[..., slot] = 0.0
+        self.lora_dropout[slot] = 0.0
+        self._dropout.pop(slot, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.adapter_ids
@@ -119,8 +129,9 @@ class MultiLoRALinear(nn.Module):
         tokens = x.shape[:-1]
         if ids.dim() == 1 and len(tokens) >= 2 and ids.numel() == tokens[0]:
             ids = ids[:, None].expand(*tokens)  # one id per batch row
+        drop = self.lora_dropout if self.training and any(p > 0 for p in self._dropout.values()) else None
         return multi_lora_linear(x, self.weight, self.lora_A, self.lora_B, self.ranks, self.scales,
-                                 ids.reshape(-1), self.bias, self.slices)
+                                 ids.reshape(-1), self.bias, self.slices, drop)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -172,6 +183,9 @@ class AdapterPool:
         if name in self.slots:
             raise ValueError(f"name: adapter {name!r} is already loaded in slot {self.slots[name]}")
         config, tensors = read_adapter(path)
+        dropout = config.get("lora_dropout") or 0.0
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"path: lora_dropout must be a rate in [0, 1), got {dropout!r}")
         plan = []
         for module, pair in tensors.items():
             if module not in self.layers:
@@ -192,7 +206,7 @@ class AdapterPool:
         for layer in self.layers.values():  # layers the adapter does not cover get an empty slot
             layer.clear_slot(slot)
         for layer, A, B, scale in plan:
-            layer.set_slot(slot, A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype), scale)
+            layer.set_slot(slot, A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype), scale, dropout=float(dropout))
         self.slots[name] = slot
         self._rslora[name] = bool(config.get("use_rslora"))
         self._touch(name)
@@ -210,16 +224,19 @@ class AdapterPool:
         self.unload(lru)
         return slot
 
-    def add(self, name: str, r: int = 8, lora_alpha: float = 8, use_rslora: bool = False,
+    def add(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, use_rslora: bool = False,
             init_lora_weights: Union[bool, str] = "kaiming", evict: bool = False) -> int:
         """A new adapter of rank ``r`` on every layer of the pool, initialised
         as PEFT does (``init_lora_weights`` as in ``LoRALinear``), in a free
-        slot; returns the slot. For training several adapters in one mixed
-        batch: see ``trainable_parameters``, then ``save``."""
+        slot; returns the slot. ``lora_dropout`` applies to this adapter's
+        rows while the model is in training mode. For training several
+        adapters in one mixed batch: see ``trainable_parameters``, then ``save``."""
         if name in self.slots:
             raise ValueError(f"name: adapter {name!r} is already loaded in slot {self.slots[name]}")
         if not isinstance(r, int) or not 1 <= r <= self.max_rank:
             raise ValueError(f"r: expected an int in [1, max_rank={self.max_rank}], got {r!r}")
+        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected a rate in [0, 1), got {lora_dropout!r}")
         init_lora_(torch.empty(1, 1), torch.empty(1, 1), init_lora_weights)  # validates before any change
         slot = self._free_slot(evict)
         scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -227,7 +244,7 @@ class AdapterPool:
             a = torch.empty(r, layer.in_features, device=layer.lora_A.device, dtype=torch.float32)
             b = torch.empty(layer.out_features, r, device=layer.lora_B.device, dtype=torch.float32)
             init_lora_(a, b, init_lora_weights)
-            layer.set_slot(slot, a, b, scale)
+            layer.set_slot(slot, a, b, scale, dropout=float(lora_dropout))
         self.slots[name] = slot
         self._rslora[name] = use_rslora
         self._touch(name)
@@ -272,7 +289,7 @@ class AdapterPool:
         suffixes = {n.split(".")[-1] for n in tensors}
         same_set = {n for n in self.layers if n.split(".")[-1] in suffixes} == set(tensors)
         write_adapter(path, tensors, ranks[first], alphas[first], sorted(suffixes if same_set else tensors),
-                      use_rslora=rslora, rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
+                      lora_dropout=round(float(self.layers[first].lora_dropout[slot]), 6), use_rslora=rslora, rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
                       alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
                       base_model_name_or_path=base_model_name_or_path)
 

@@ -52,7 +52,15 @@ def _sort_rows(adapter_ids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sort(adapter_ids.to(torch.int64), stable=True)
 
 
-def _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices):
+def _drop_args(dropout_p, seeds):
+    """(seeds, thresholds, inverse keep rates) for the kernels, or None."""
+    if dropout_p is None:
+        return None
+    thr, inv = ref.multi_dropout_tables(dropout_p)
+    return seeds, thr, inv
+
+
+def _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds):
     M, K = x.shape
     N = weight.shape[0]
     S, R = lora_b.shape[0], lora_b.shape[2]
@@ -65,9 +73,10 @@ def _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, sli
     if M == 0:
         return y, t, perm, sid
     bounds = _bounds(widths, x.device)
-    # t = A_a·x per adapter run (sorted rows)
+    # t = A_a·drop(x) per adapter run (sorted rows)
     _shrink(x, lora_a, ranks, perm, sid, t, bounds, K, R, S, len(widths), sliced_k=False,
-            a_strides=(lora_a.stride(0), R * lora_a.stride(1), lora_a.stride(1), lora_a.stride(2)))
+            a_strides=(lora_a.stride(0), R * lora_a.stride(1), lora_a.stride(1), lora_a.stride(2)),
+            drop=_drop_args(dropout_p, seeds))
     # y = x·W0ᵀ + Σ s·t·B_aᵀ + bias
     _matmul(x, weight, (weight.stride(0), weight.stride(1)), bias, perm, sid, t, lora_b,
             (lora_b.stride(0), 0, lora_b.stride(1), lora_b.stride(2)), ranks, scales, bounds, y,
@@ -76,7 +85,7 @@ def _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, sli
 
 
 def _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dlora,
-                needs_dbias):
+                needs_dbias, dropout_p, seeds):
     M, K = x.shape
     N = weight.shape[0]
     S, R = lora_b.shape[0], lora_b.shape[2]
@@ -92,23 +101,24 @@ def _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slic
     if M == 0 or not (needs_dx or needs_dlora):
         return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias
     bounds = _bounds(widths, x.device)
+    drop = _drop_args(dropout_p, seeds)
     # dt = dY·B_a per run and slice (unscaled; its consumers apply s): B read as [R, N],
     # slice i reducing over its own columns only.
     dt = torch.empty((M, n_sl * R), device=x.device, dtype=torch.float32)
     _shrink(dy, lora_b, ranks, perm, sid, dt, bounds, N, R, S, n_sl, sliced_k=n_sl > 1,
             a_strides=(lora_b.stride(0), 0, lora_b.stride(2), lora_b.stride(1)))
     if needs_dlora:
-        # dA = s·dtᵀ·x and dB = s·dYᵀ·t, one small GEMM per adapter over its sorted rows
+        # dA = s·dtᵀ·drop(x) and dB = s·dYᵀ·t, one small GEMM per adapter over its sorted rows
         seg = torch.searchsorted(sid, torch.arange(S + 1, device=x.device, dtype=torch.int64))
         _grad(dt, x, perm, seg, ranks, scales, bounds, da, K, R, S, n_sl,
-              o_strides=(da.stride(0), R * da.stride(1), da.stride(1), da.stride(2)), slice_cols=False)
+              o_strides=(da.stride(0), R * da.stride(1), da.stride(1), da.stride(2)), slice_cols=False, drop=drop)
         _grad(t, dy, perm, seg, ranks, scales, bounds, db, N, R, S, n_sl,
               o_strides=(db.stride(0), 0, db.stride(2), db.stride(1)), slice_cols=n_sl > 1)
     if needs_dx:
-        # dx = dY·W0 + Σ_i s·dt_i·A_a,i: W0 read as [K, N] (out = K), A as [K, R] per slice
+        # dx = dY·W0 + Σ_i drop_i(s·dt_i·A_a,i): W0 read as [K, N] (out = K), A as [K, R] per slice
         _matmul(dy, weight, (weight.stride(1), weight.stride(0)), None, perm, sid, dt, lora_a,
                 (lora_a.stride(0), R * lora_a.stride(1), lora_a.stride(2), lora_a.stride(1)), ranks, scales,
-                bounds, dx, K, N, R, S, n_sl, slice_cols=False)
+                bounds, dx, K, N, R, S, n_sl, slice_cols=False, drop=drop)
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias
 
 
@@ -126,7 +136,7 @@ def shrink_split(m_tiles: int, K: int, block_k: int, sms: int) -> tuple[int, int
     return cdiv(K, per), per
 
 
-def _shrink(x, a, ranks, perm, sid, t, kb, K, R, S, n_sl, sliced_k, a_strides):
+def _shrink(x, a, ranks, perm, sid, t, kb, K, R, S, n_sl, sliced_k, a_strides, drop=None):
     """t = A_a·x per run and slice into ``t`` (sorted rows). Entries outside
     the rows' ranks keep t's contents when there is no K split and become
     zero when there is one."""
@@ -140,16 +150,17 @@ def _shrink(x, a, ranks, perm, sid, t, kb, K, R, S, n_sl, sliced_k, a_strides):
     out = t if splits == 1 else torch.zeros((splits, *t.shape), device=t.device, dtype=torch.float32)
     _mlora_shrink_kernel[(m_tiles, splits)](
         x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=a, rank_ptr=ranks, kb_ptr=kb, t_ptr=out,
+        seed_ptr=drop[0] if drop else kb, thr_ptr=drop[1] if drop else kb, inv_ptr=drop[2] if drop else out,
         M=M, K=K, R_MAX=R, SLOTS=S, K_PER_SPLIT=per, stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_as=a_strides[0], stride_a_slice=a_strides[1], stride_ar=a_strides[2], stride_ak=a_strides[3],
         stride_ts=0 if splits == 1 else out.stride(0), stride_tm=out.stride(-2), stride_tr=out.stride(-1),
-        SLICED_K=sliced_k, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
+        SLICED_K=sliced_k, HAS_DROPOUT=drop is not None, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
     if splits > 1:
         torch.sum(out, dim=0, out=t)
 
 
 def _matmul(x, w, w_strides, bias, perm, sid, t, b, b_strides, ranks, scales, bounds, y, N, K, R, S, n_sl,
-            slice_cols):
+            slice_cols, drop=None):
     M = x.shape[0]
     dn, cc = dtype_name(x.dtype), compute_capability(x.device)
     cfg = tuning.select_memo("mlora_matmul", dn, {"N": N, "K": K, "M": M}, device_info(x.device),
@@ -158,15 +169,16 @@ def _matmul(x, w, w_strides, bias, perm, sid, t, b, b_strides, ranks, scales, bo
     _mlora_matmul_kernel[grid](
         x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else y, perm_ptr=perm, sid_ptr=sid, t_ptr=t,
         b_ptr=b, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=bounds, y_ptr=y,
+        seed_ptr=drop[0] if drop else bounds, thr_ptr=drop[1] if drop else bounds, inv_ptr=drop[2] if drop else t,
         M=M, N=N, K=K, R_MAX=R, SLOTS=S,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w_strides[0], stride_wk=w_strides[1],
         stride_tm=t.stride(0), stride_tr=t.stride(1),
         stride_bs=b_strides[0], stride_b_slice=b_strides[1], stride_bn=b_strides[2], stride_br=b_strides[3],
         stride_ym=y.stride(0), stride_yn=y.stride(1), HAS_BIAS=bias is not None, SLICE_COLS=slice_cols,
-        NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
+        HAS_DROPOUT=drop is not None, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
 
 
-def _grad(p, q, perm, seg, ranks, scales, bounds, o, D, R, S, n_sl, o_strides, slice_cols):
+def _grad(p, q, perm, seg, ranks, scales, bounds, o, D, R, S, n_sl, o_strides, slice_cols, drop=None):
     M = q.shape[0]
     dn, cc = dtype_name(q.dtype), compute_capability(q.device)
     cfg = tuning.select_memo("mlora_grad", dn, {"D": D, "R": R, "M": M}, device_info(q.device),
@@ -174,33 +186,37 @@ def _grad(p, q, perm, seg, ranks, scales, bounds, o, D, R, S, n_sl, o_strides, s
     grid = (S, cdiv(R, cfg["BLOCK_R"]), cdiv(D, cfg["BLOCK_D"]))
     _mlora_grad_kernel[grid](
         p_ptr=p, q_ptr=q, perm_ptr=perm, seg_ptr=seg, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=bounds,
-        o_ptr=o, M=M, D=D, R_MAX=R, SLOTS=S, stride_pm=p.stride(0), stride_pr=p.stride(1),
+        o_ptr=o, seed_ptr=drop[0] if drop else bounds, thr_ptr=drop[1] if drop else bounds,
+        inv_ptr=drop[2] if drop else o, M=M, D=D, R_MAX=R, SLOTS=S, stride_pm=p.stride(0), stride_pr=p.stride(1),
         stride_qm=q.stride(0), stride_qd=q.stride(1), stride_os=o_strides[0], stride_o_slice=o_strides[1],
-        stride_or=o_strides[2], stride_od=o_strides[3], SLICE_COLS=slice_cols, NUM_SLICES=n_sl,
+        stride_or=o_strides[2], stride_od=o_strides[3], SLICE_COLS=slice_cols, HAS_DROPOUT=drop is not None,
+        NUM_SLICES=n_sl,
         **cfg.launch_kwargs())
 
 
 # ---------------------------------------------------------------- torch.library ops
 def _multi_lora_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                          ranks: Tensor, scales: Tensor, adapter_ids: Tensor, slices: Optional[list[int]],
+                         dropout_p: Optional[Tensor], seeds: Optional[Tensor],
                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y [M, N], t [M, slices·R_MAX] fp32, perm [M] int64, sid [M] int64) for a 2-D x."""
     if use_triton(x.device, backend):
-        return _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
-    return ref.multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
+        return _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds)
+    return ref.multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p,
+                                  seeds)
 
 
 def _multi_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
                          scales: Tensor, t: Tensor, perm: Tensor, sid: Tensor, slices: Optional[list[int]],
-                         needs_dx: bool, needs_dlora: bool, needs_dbias: bool,
-                         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         needs_dx: bool, needs_dlora: bool, needs_dbias: bool, dropout_p: Optional[Tensor],
+                         seeds: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx [M, K] or empty, dA like lora_a and dB like lora_b or both empty,
     dbias [N] fp32 or empty)."""
     if use_triton(dy.device, backend):
         return _bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
-                           needs_dlora, needs_dbias)
+                           needs_dlora, needs_dbias, dropout_p, seeds)
     return ref.multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
-                                  needs_dlora, needs_dbias)
+                                  needs_dlora, needs_dbias, dropout_p, seeds)
 
 
 multi_lora_fwd = torch.library.custom_op("posttrain_kernels::multi_lora_fwd", mutates_args=())(_multi_lora_fwd_impl)
@@ -208,7 +224,7 @@ multi_lora_bwd = torch.library.custom_op("posttrain_kernels::multi_lora_bwd", mu
 
 
 @multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backend):
+def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds, backend):
     M, n_sl = x.shape[0], 1 if slices is None else len(slices)
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, n_sl * lora_b.shape[2]), dtype=torch.float32),
             x.new_empty((M,), dtype=torch.int64), x.new_empty((M,), dtype=torch.int64))
@@ -216,7 +232,7 @@ def _(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backe
 
 @multi_lora_bwd.register_fake
 def _(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dlora, needs_dbias,
-      backend):
+      dropout_p, seeds, backend):
     dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
     dbias = dy.new_empty((dy.shape[1],) if needs_dbias else (0,), dtype=torch.float32)
     if not needs_dlora:
@@ -228,14 +244,16 @@ def _(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_
 class MultiLoRALinearFunction(torch.autograd.Function):
     """Batched multi-adapter LoRA with gradients for x, lora_a, lora_b and
     bias (not for weight, ranks, scales, ids). Saves t (fp32, sorted order)
-    and the row order only when some input needs a gradient."""
+    and the row order only when some input needs a gradient; the dropout
+    masks are regenerated from the seeds, never stored."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, backend):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds,
+                backend):
         y, t, perm, sid = call_op(multi_lora_fwd, _multi_lora_fwd_impl, x, weight, bias, lora_a, lora_b, ranks,
-                                  scales, adapter_ids, slices, backend)
+                                  scales, adapter_ids, slices, dropout_p, seeds, backend)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, weight, lora_a, lora_b, ranks, scales, t, perm, sid)
+            ctx.save_for_backward(x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, dropout_p, seeds)
         ctx.slices, ctx.backend = slices, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(t, perm, sid)
@@ -243,21 +261,21 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dt, _dperm, _dsid):
-        x, weight, lora_a, lora_b, ranks, scales, t, perm, sid = ctx.saved_tensors
+        x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, dropout_p, seeds = ctx.saved_tensors
         needs_dx, needs_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         needs_dlora = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         dx, da, db, dbias = call_op(multi_lora_bwd, _multi_lora_bwd_impl, dy, x, weight, lora_a, lora_b, ranks,
                                     scales, t, perm, sid, ctx.slices, needs_dx, needs_dlora, needs_dbias,
-                                    ctx.backend)
+                                    dropout_p, seeds, ctx.backend)
         return (dx if needs_dx else None, None, dbias.to(ctx.bias_dtype) if needs_dbias else None,
                 da if ctx.needs_input_grad[3] else None, db if ctx.needs_input_grad[4] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------- functional
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
-                      adapter_ids: Tensor, bias: Optional[Tensor] = None, slices: Optional[list[int]] = None, *,
-                      backend: Optional[str] = None) -> Tensor:
+                      adapter_ids: Tensor, bias: Optional[Tensor] = None, slices: Optional[list[int]] = None,
+                      dropout_p: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``y[i] = x[i]·weightᵀ + scales[a]·lora_b[a, :, :r_a]·(lora_a[a, :r_a]·x[i]) (+ bias)``
     with ``a = adapter_ids[i]`` (-1: no adapter) and ``r_a = ranks[a]``.
 
@@ -266,6 +284,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     lora_a, lora_b and bias (several adapters trained in one batch); the
     gradient of a slot is zero outside its rank and when no row uses it;
     ``weight`` gets none.
+
+    ``dropout_p``: LoRA dropout per slot, a float32 ``[SLOTS]`` tensor of
+    rates in [0, 1] (PEFT's ``lora_dropout`` of each adapter), applied to the
+    adapter input whenever given, as ``F.dropout(training=True)`` would; each
+    slice of a fused projection draws its own mask. None: no dropout.
 
     ``slices``: output widths of fused projections sharing x (fused q/k/v,
     e.g. ``[4096, 1024, 1024]`` with GQA), each with its own adapter: then
@@ -305,6 +328,13 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                     ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
         if v is not None:
             check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
+    seeds = None
+    if dropout_p is not None:
+        check(isinstance(dropout_p, Tensor) and tuple(dropout_p.shape) == (S,) and dropout_p.dtype == torch.float32
+              and dropout_p.device == x.device, "dropout_p",
+              f"expected a float32 [{S}] tensor on {x.device} (one rate per slot), got {dropout_p!r:.80}")
+        # device tensors, not Python ints: no host sync, graph capturable
+        seeds = torch.randint(0, 2**31 - 1, (n_sl,), device=x.device, dtype=torch.int32)
     y = MultiLoRALinearFunction.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, ranks, scales,
-                                      adapter_ids.reshape(-1), slices, check_backend(backend))[0]
+                                      adapter_ids.reshape(-1), slices, dropout_p, seeds, check_backend(backend))[0]
     return y.reshape(*x.shape[:-1], N)

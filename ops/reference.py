@@ -31,18 +31,44 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(p * (1 << 24))), (1 << 24))
 
 
+def keep_at(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, threshold) -> torch.Tensor:
+    """The kernels' keep test at int64 indices ``rows`` (column vector) and
+    ``cols`` (row vector); ``threshold`` an int or an int tensor broadcastable
+    to them. ``seed`` is a 0-d or [1] int32 tensor."""
+    s = seed.to(torch.int64).reshape(()) & _M32
+    h = _fmix32(rows.to(torch.int64) ^ s)
+    h = _fmix32((h + cols.to(torch.int64)) & _M32)
+    return (h >> 8) >= threshold
+
+
+def multi_dropout_tables(dropout_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-slot dropout (threshold int32 = round(p·2**24), inverse keep rate
+    fp32 = 1/(1-p), 0 where p = 1), on the device, shared by the multi-LoRA
+    kernels and this reference so both drop the same elements."""
+    thr = torch.round(dropout_p.double() * (1 << 24)).clamp(0, 1 << 24).to(torch.int32)
+    inv = torch.where(dropout_p < 1, 1.0 / (1.0 - dropout_p.double()), 0.0).float()
+    return thr, inv
+
+
+def _multi_dropped(xr: torch.Tensor, orig_rows: torch.Tensor, a: int, i: int, dropout_p, seeds) -> torch.Tensor:
+    """drop(x) for the rows ``orig_rows`` (original indices) of slot a, slice i."""
+    if dropout_p is None:
+        return xr
+    thr, inv = multi_dropout_tables(dropout_p)
+    cols = torch.arange(xr.shape[1], device=xr.device)[None, :]
+    keep = keep_at(seeds[i], orig_rows[:, None], cols, int(thr[a]))
+    return torch.where(keep, xr, 0) * inv[a].to(xr.dtype)
+
+
 def dropout_keep_ref(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     """Bool [rows, cols]: True where the element survives dropout.
 
     ``seed`` is the [1] int32 tensor the ops take; no host synchronisation.
     """
     dev = seed.device
-    s = seed.to(torch.int64).reshape(()) & _M32
     r = torch.arange(rows, device=dev, dtype=torch.int64)[:, None]
     c = torch.arange(cols, device=dev, dtype=torch.int64)[None, :]
-    h = _fmix32(r ^ s)
-    h = _fmix32((h + c) & _M32)
-    return (h >> 8) >= dropout_threshold(p)
+    return keep_at(seed, r, c, dropout_threshold(p))
 
 
 def _dropped(x2d: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
@@ -135,11 +161,14 @@ def moe_onehot_masks(token_idx: torch.Tensor, gates: torch.Tensor, num_tokens: i
 
 
 # ---------------------------------------------------------------- multi-adapter LoRA
-def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None):
-    """Per-row loop over adapters: y[i] = x[i]·Wᵀ + s_a·B_a[:, :r_a](A_a[:r_a]·x[i]) (+ bias),
+def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None,
+                          dropout_p=None, seeds=None):
+    """Per-row loop over adapters: y[i] = x[i]·Wᵀ + s_a·B_a[:, :r_a](A_a[:r_a]·drop(x[i])) (+ bias),
     a = adapter_ids[i], -1 = none; with ``slices`` (output widths) each slice
     has its own A (rows i·R_MAX of lora_a), rank and scale ([slices, slots]).
-    fp32 math (fp64 for fp64 inputs), y in x's dtype. x is [M, K]."""
+    ``dropout_p`` ([slots] fp32) and ``seeds`` ([slices] int32): the kernels'
+    per-slot dropout, each slice with its own mask. fp32 math (fp64 for fp64
+    inputs), y in x's dtype. x is [M, K]."""
     acc = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(acc)
     y = xf @ weight.to(acc).t()
@@ -148,6 +177,7 @@ def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapte
     R = lora_b.shape[2]
     widths = list(slices) if slices is not None else [weight.shape[0]]
     ranks2, scales2 = ranks.reshape(len(widths), -1), scales.reshape(len(widths), -1)
+    row_ids = torch.arange(x.shape[0], device=x.device)
     for a in adapter_ids.unique().tolist():
         if a < 0:
             continue
@@ -155,20 +185,23 @@ def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapte
         lo = 0
         for i, width in enumerate(widths):
             r = int(ranks2[i, a])
-            t = xf[rows] @ lora_a[a, i * R:i * R + r].to(acc).t()
+            xa = _multi_dropped(xf[rows], row_ids[rows], a, i, dropout_p, seeds)
+            t = xa @ lora_a[a, i * R:i * R + r].to(acc).t()
             y[rows, lo:lo + width] += float(scales2[i, a]) * (t @ lora_b[a, lo:lo + width, :r].to(acc).t())
             lo += width
     return y.to(x.dtype)
 
 
-def multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None):
+def multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None,
+                       dropout_p=None, seeds=None):
     """What the multi-LoRA forward op returns: ``(y, t, perm, sid)``.
 
     ``sid, perm = sort(adapter_ids)`` (stable); ``t [M, slices·R_MAX]`` (fp32)
     holds each sorted row's low-rank activations ``A_a,i·x[perm[j]]`` at
     columns ``i·R_MAX:i·R_MAX + r_a,i``, zeros elsewhere (the kernel leaves
     those unwritten and never reads them)."""
-    y = multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices)
+    y = multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p,
+                              seeds)
     sid, perm = torch.sort(adapter_ids.to(torch.int64), stable=True)
     n_sl = 1 if slices is None else len(slices)
     R = lora_b.shape[2]
@@ -181,12 +214,13 @@ def multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_i
         rows = sid == a
         for i in range(n_sl):
             r = int(ranks2[i, a])
-            t[rows, i * R:i * R + r] = xs[rows] @ lora_a[a, i * R:i * R + r].float().t()
+            xa = _multi_dropped(xs[rows], perm[rows], a, i, dropout_p, seeds)
+            t[rows, i * R:i * R + r] = xa @ lora_a[a, i * R:i * R + r].float().t()
     return y, t, perm, sid
 
 
 def multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices=None,
-                       needs_dx=True, needs_dlora=True, needs_dbias=False):
+                       needs_dx=True, needs_dlora=True, needs_dbias=False, dropout_p=None, seeds=None):
     """``(dx, dA, dB, dbias)`` of ``multi_lora_fwd_ref`` for the gradient
     ``dy [M, N]``, one adapter at a time. dA/dB are zero outside each slot's
     ranks (and for slots no row uses); dx, dA/dB and dbias are empty when
@@ -209,10 +243,12 @@ def multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, si
             r, s = int(ranks2[i, a]), float(scales2[i, a])
             dy_i = dys[rows, lo:lo + width]
             dt = dy_i @ lora_b[a, lo:lo + width, :r].to(acc)
-            da[a, i * R:i * R + r] = s * (dt.t() @ xs[rows])
+            da[a, i * R:i * R + r] = s * (dt.t() @ _multi_dropped(xs[rows], perm[rows], a, i, dropout_p, seeds))
             db[a, lo:lo + width, :r] = s * (dy_i.t() @ t[rows, i * R:i * R + r].to(acc))
             if needs_dx:
-                dx_s[rows] += s * (dt @ lora_a[a, i * R:i * R + r].to(acc))
+                # d drop(x) / dx is the same mask and scale: drop() is linear
+                dx_s[rows] += _multi_dropped(s * (dt @ lora_a[a, i * R:i * R + r].to(acc)), perm[rows], a, i,
+                                             dropout_p, seeds)
             lo += width
     if needs_dx:
         dx = torch.empty_like(dx_s)

@@ -202,3 +202,28 @@ def test_save_keeps_rank_and_alpha_patterns(adapters, tmp_path, device):
     assert set(config["rank_pattern"].values()) == {2} and set(config["alpha_pattern"].values()) == {3}
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))(ids).logits
     torch.testing.assert_close(got, again.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_dropout_per_adapter(tmp_path, device):
+    """An adapter's lora_dropout acts on its rows in training mode only, is
+    written by ``save`` and read back by ``load``; other rows are untouched."""
+    model = _llama().to(device)
+    pool = pk.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=4)
+    pool.add("drop", r=4, lora_dropout=0.5, init_lora_weights=False)
+    pool.add("keep", r=4, init_lora_weights=False)
+    ids = _ids(device, rows=3)
+    names = ["drop", "keep", None]
+    with torch.no_grad(), pool.batch(names):
+        model.eval()
+        ev = model(ids).logits
+        model.train()
+        tr1, tr2 = model(ids).logits, model(ids).logits
+    assert not torch.allclose(tr1[0], ev[0]) and not torch.allclose(tr1[0], tr2[0]), "dropout acts in training"
+    torch.testing.assert_close(tr1[1:], ev[1:], rtol=1e-5, atol=1e-5, msg="rows of other adapters are untouched")
+    pool.save("drop", tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.5
+    fresh = pk.AdapterPool(_llama().to(device), target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=4)
+    slot = fresh.load("drop", tmp_path)
+    assert all(float(layer.lora_dropout[slot]) == 0.5 for layer in fresh.layers.values())
+    with pytest.raises(ValueError, match="^lora_dropout"):
+        pool.add("bad", r=2, lora_dropout=1.0)

@@ -102,13 +102,17 @@ def test_opcheck(device):
     fwd, bwd = torch.ops.posttrain_kernels.multi_lora_fwd.default, torch.ops.posttrain_kernels.multi_lora_bwd.default
     sl_a = torch.randn(7, 3 * 64, 32, device=device)
     sl_rs = ranks.repeat(3, 1)
-    for a, rs, sc, slices in ((A, ranks, scales, None), (sl_a, sl_rs, scales.repeat(3, 1), [8, 8, 8])):
-        torch.library.opcheck(fwd, (x, w, None, a, B, rs, sc, ids, slices, "auto"))
-        _, t, perm, sid = fwd(x, w, None, a, B, rs, sc, ids, slices, "auto")
+    p, seeds = torch.rand(7, device=device) * 0.5, torch.tensor([5, 6, 7], device=device, dtype=torch.int32)
+    flags_all = ((True, True, True), (False, True, False), (True, False, False))
+    # one slice without dropout: every needs-flag combination; fused slices with dropout: all gradients
+    for a, rs, sc, slices, drop, sd, flags in ((A, ranks, scales, None, None, None, flags_all),
+                                               (sl_a, sl_rs, scales.repeat(3, 1), [8, 8, 8], p, seeds, flags_all[:1])):
+        torch.library.opcheck(fwd, (x, w, None, a, B, rs, sc, ids, slices, drop, sd, "auto"))
+        _, t, perm, sid = fwd(x, w, None, a, B, rs, sc, ids, slices, drop, sd, "auto")
         dy = torch.randn(9, 24, device=device)
-        for needs_dx, needs_dlora, needs_dbias in ((True, True, True), (False, True, False), (True, False, False)):
+        for needs_dx, needs_dlora, needs_dbias in flags:
             torch.library.opcheck(bwd, (dy, x, w, a, B, rs, sc, t, perm, sid, slices, needs_dx, needs_dlora,
-                                        needs_dbias, "auto"))
+                                        needs_dbias, drop, sd, "auto"))
 
 
 def _sliced_case(widths, device, seed, S=5, R=32, K=48, M=23):
@@ -186,6 +190,42 @@ def test_gradients_fused_slices(widths, backend, device):
     want = _ref_grads(x, w, bias, A, B, ranks, scales, ids, dy, torch.float64, widths)[1:3]
     for name, o, hi in zip(("dA", "dB"), ours, want):
         assert_close_rule(name, o, hi, hi, 1e-5)
+
+
+@pytest.mark.parametrize("widths", [None, [33, 7, 9]], ids=["one-slice", "fused-slices"])
+def test_dropout_forward_and_gradients(widths, device):
+    """Per-slot LoRA dropout (rates 0 to 0.9, one slot at p=1), each slice its
+    own mask: y and every gradient against autograd through the reference
+    with the same seeds (the kernels and the reference drop the same
+    elements); the rates matter (y differs from the dropout-free forward)."""
+    S, R, K, M = 5, 32, 48, 29
+    N = 49 if widths is None else sum(widths)
+    n_sl = 1 if widths is None else len(widths)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(M, K, generator=g).to(device)
+    w = torch.randn(N, K, generator=g).to(device)
+    A = torch.randn(S, n_sl * R, K, generator=g).to(device)
+    B = torch.randn(S, N, R, generator=g).to(device)
+    ranks = torch.randint(1, R + 1, (n_sl, S) if widths else (S,), generator=g).to(device, torch.int32)
+    scales = torch.rand(ranks.shape, generator=g).to(device)
+    ids = torch.randint(-1, S, (M,), generator=g).to(device)
+    p = torch.tensor([0.0, 0.3, 0.9, 1.0, 0.5], device=device)
+    dy = torch.randn(M, N, generator=g).to(device)
+    leaves = _leaves(x, A, B)
+    torch.manual_seed(3)
+    y = pk.multi_lora_linear(leaves[0], w, leaves[1], leaves[2], ranks, scales, ids, None, widths, p)
+    torch.manual_seed(3)  # the same seeds again, for the reference
+    seeds = torch.randint(0, 2**31 - 1, (n_sl,), device=device, dtype=torch.int32)
+    ours = _grads(y, leaves, dy)
+    ref_leaves = _leaves(x.double(), A.double(), B.double())
+    want_y = ref.multi_lora_linear_ref(ref_leaves[0], w.double(), None, ref_leaves[1], ref_leaves[2], ranks, scales,
+                                       ids, widths, p, seeds)
+    want = _grads(want_y, ref_leaves, dy.double())
+    assert_close_rule("y", y, want_y.detach(), want_y.detach(), 1e-5)
+    for name, o, hi in zip(("dx", "dA", "dB"), ours, want):
+        assert_close_rule(name, o, hi, hi, 1e-5)
+    plain = ref.multi_lora_linear_ref(x, w, None, A, B, ranks, scales, ids, widths)
+    assert (y.detach() - plain).abs().max() > 1e-2, "dropout changed nothing"
 
 
 def test_gradient_of_sum_and_compile(device):

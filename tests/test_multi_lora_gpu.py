@@ -47,19 +47,29 @@ def test_cuda_graph_capture():
     torch.testing.assert_close(y, pk.multi_lora_linear(x, w, A, B, ranks, scales, ids), rtol=0, atol=0)
 
 
-def test_bf16_gradients_against_reference():
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+def test_bf16_gradients_against_reference(dropout):
     """Multi-adapter training in bf16 on the GPU: dx, dA, dB of a batch over
-    16 adapters against autograd through the per-row reference in fp32."""
+    16 adapters (optionally with per-slot LoRA dropout) against autograd
+    through the per-row reference in fp32 with the same seeds."""
     x, w, A, B, ranks, scales, ids = _case(1024, 16, K=1024, N=768)
     dy = torch.randn(1024, 768, device="cuda").to(torch.bfloat16)
+    p = torch.linspace(0.0, 0.5, 16, device="cuda") if dropout else None
+    torch.manual_seed(3)
+    seeds = torch.randint(0, 2**31 - 1, (1,), device="cuda", dtype=torch.int32)
 
     def grads(dtype, fn):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, A, B)]
         y = fn(leaves[0], w.to(dtype), leaves[1], leaves[2])
         return torch.autograd.grad(y, leaves, dy.to(dtype))
 
-    ours = grads(torch.bfloat16, lambda x, w, a, b: pk.multi_lora_linear(x, w, a, b, ranks, scales, ids))
-    ref_fn = lambda x, w, a, b: ref.multi_lora_linear_ref(x, w, None, a, b, ranks, scales, ids)  # noqa: E731
+    def ours_fn(x, w, a, b):
+        torch.manual_seed(3)  # the functional draws the same seeds
+        return pk.multi_lora_linear(x, w, a, b, ranks, scales, ids, dropout_p=p)
+
+    ours = grads(torch.bfloat16, ours_fn)
+    ref_fn = lambda x, w, a, b: ref.multi_lora_linear_ref(x, w, None, a, b, ranks, scales, ids,  # noqa: E731
+                                                          None, p, seeds if dropout else None)
     want, lowp = grads(torch.float32, ref_fn), grads(torch.bfloat16, ref_fn)
     for name, o, hi, lo in zip(("dx", "dA", "dB"), ours, want, lowp):
         err = (o.float() - hi).abs().max().item()
