@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import reference as ref
+from ..ops.common import dtype_name
 from ..ops.lora import lora_linear
 from .common import Result, Timer
 
@@ -32,7 +33,7 @@ class LoRAShape:
 
     @property
     def label(self) -> str:
-        return f"M={self.M} K={self.K} N={self.N} r={self.r} {str(self.dtype).removeprefix('torch.')}"
+        return f"M={self.M} K={self.K} N={self.N} r={self.r} {dtype_name(self.dtype)}"
 
 
 GPU_SHAPES = [LoRAShape(8192, 4096, 4096, 16), LoRAShape(8192, 4096, 14336, 16), LoRAShape(8192, 14336, 4096, 16)]

@@ -17,6 +17,7 @@ import torch
 
 from ..ops import moe as M
 from ..ops import reference as ref
+from ..ops.common import dtype_name
 from ..ops.moe_layers import ExpertChoiceMoE
 from .common import Result, Timer
 
@@ -35,7 +36,7 @@ class DCShape:
 
     @property
     def label(self) -> str:
-        return f"n={self.n} d={self.d} E={self.E} C={self.cf:g} {str(self.dtype).removeprefix('torch.')}"
+        return f"n={self.n} d={self.d} E={self.E} C={self.cf:g} {dtype_name(self.dtype)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ class LayerShape:
 
     @property
     def label(self) -> str:
-        return f"n={self.n} d={self.d} F={self.F} E={self.E} C={self.cf:g} {str(self.dtype).removeprefix('torch.')}"
+        return f"n={self.n} d={self.d} F={self.F} E={self.E} C={self.cf:g} {dtype_name(self.dtype)}"
 
 
 GPU_DC = [DCShape(8192, 4096, 8, 2.0)]

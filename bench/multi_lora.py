@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import reference as ref
+from ..ops.common import dtype_name
 from ..ops.multi_lora import multi_lora_linear
 from .common import Result, Timer
 
@@ -41,7 +42,7 @@ class MLShape:
     @property
     def label(self) -> str:
         return (f"M={self.M} K={self.K} N={self.N} r={self.r} adapters={self.adapters} requests={self.requests} "
-                f"{str(self.dtype).removeprefix('torch.')}")
+                f"{dtype_name(self.dtype)}")
 
 
 GPU_SHAPES = [MLShape(4096, 4096, 4096, 16, a, 64) for a in (1, 8, 64)] + [

@@ -19,6 +19,7 @@ import triton.testing
 from ..autotune import configs as C
 from ..ops import lora as L
 from ..ops.backend import compute_capability
+from ..ops.common import dtype_name
 
 
 # Candidates outside the shipped spaces, timed next to them to decide what
@@ -50,7 +51,7 @@ def _time(fn):
 def sweep(M, K, N, r, dtype=torch.bfloat16):
     dev = torch.device("cuda")
     cc = compute_capability(dev)
-    dn = str(dtype).removeprefix("torch.")
+    dn = dtype_name(dtype)
     x = torch.randn(M, K, device=dev, dtype=dtype)
     w = torch.randn(N, K, device=dev, dtype=dtype) / K ** 0.5
     a = torch.randn(r, K, device=dev, dtype=dtype) / K ** 0.5
