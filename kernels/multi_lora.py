@@ -29,6 +29,17 @@ def _next_adapter(sid, valid, after):
 
 
 @triton.jit
+def _sorted_rows(perm_ptr, sid_ptr, pid_m, M, BLOCK_M: tl.constexpr):
+    """Row tile ``pid_m`` of the sorted order: (sorted positions, in-bounds
+    mask, original rows, slot of each row, rows that have an adapter)."""
+    offs_j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_j = offs_j < M
+    rows = tl.load(perm_ptr + offs_j, mask=mask_j, other=0)
+    sid = tl.load(sid_ptr + offs_j, mask=mask_j, other=-1)
+    return offs_j, mask_j, rows, sid, mask_j & (sid >= 0)
+
+
+@triton.jit
 def _mlora_shrink_kernel(
     x_ptr,  # [M, K]  tokens, original order
     perm_ptr,  # [M] int64  sorted position -> original row
@@ -66,11 +77,7 @@ def _mlora_shrink_kernel(
     pid = tl.program_id(0)
     split_lo = tl.program_id(1) * K_PER_SPLIT
     t_ptr += tl.program_id(1).to(tl.int64) * stride_ts
-    offs_j = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_j = offs_j < M
-    sid = tl.load(sid_ptr + offs_j, mask=mask_j, other=-1)
-    rows = tl.load(perm_ptr + offs_j, mask=mask_j, other=0)
-    valid = mask_j & (sid >= 0)
+    offs_j, _, rows, sid, valid = _sorted_rows(perm_ptr, sid_ptr, pid, M, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
 
@@ -156,11 +163,7 @@ def _mlora_matmul_kernel(
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # ---- sorted rows -> original rows (gathered loads, scattered store)
-    offs_j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_j = offs_j < M
-    rows = tl.load(perm_ptr + offs_j, mask=mask_j, other=0)
-    sid = tl.load(sid_ptr + offs_j, mask=mask_j, other=-1)
-    valid = mask_j & (sid >= 0)
+    offs_j, mask_j, rows, sid, valid = _sorted_rows(perm_ptr, sid_ptr, pid_m, M, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
