@@ -60,6 +60,13 @@ def _drop_args(dropout_p, seeds):
     return seeds, thr, inv
 
 
+def _drop_kwargs(drop, unused: Tensor) -> dict:
+    """The dropout launch arguments of the three kernels; without dropout
+    ``unused`` stands in for the pointers, which the kernels then never read."""
+    seeds, thr, inv = drop if drop is not None else (unused, unused, unused)
+    return dict(seed_ptr=seeds, thr_ptr=thr, inv_ptr=inv, HAS_DROPOUT=drop is not None)
+
+
 def _fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds):
     M, K = x.shape
     N = weight.shape[0]
@@ -150,11 +157,10 @@ def _shrink(x, a, ranks, perm, sid, t, kb, K, R, S, n_sl, sliced_k, a_strides, d
     out = t if splits == 1 else torch.zeros((splits, *t.shape), device=t.device, dtype=torch.float32)
     _mlora_shrink_kernel[(m_tiles, splits)](
         x_ptr=x, perm_ptr=perm, sid_ptr=sid, a_ptr=a, rank_ptr=ranks, kb_ptr=kb, t_ptr=out,
-        seed_ptr=drop[0] if drop else kb, thr_ptr=drop[1] if drop else kb, inv_ptr=drop[2] if drop else out,
         M=M, K=K, R_MAX=R, SLOTS=S, K_PER_SPLIT=per, stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_as=a_strides[0], stride_a_slice=a_strides[1], stride_ar=a_strides[2], stride_ak=a_strides[3],
         stride_ts=0 if splits == 1 else out.stride(0), stride_tm=out.stride(-2), stride_tr=out.stride(-1),
-        SLICED_K=sliced_k, HAS_DROPOUT=drop is not None, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
+        SLICED_K=sliced_k, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **_drop_kwargs(drop, kb), **cfg.launch_kwargs())
     if splits > 1:
         torch.sum(out, dim=0, out=t)
 
@@ -169,13 +175,12 @@ def _matmul(x, w, w_strides, bias, perm, sid, t, b, b_strides, ranks, scales, bo
     _mlora_matmul_kernel[grid](
         x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else y, perm_ptr=perm, sid_ptr=sid, t_ptr=t,
         b_ptr=b, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=bounds, y_ptr=y,
-        seed_ptr=drop[0] if drop else bounds, thr_ptr=drop[1] if drop else bounds, inv_ptr=drop[2] if drop else t,
         M=M, N=N, K=K, R_MAX=R, SLOTS=S,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w_strides[0], stride_wk=w_strides[1],
         stride_tm=t.stride(0), stride_tr=t.stride(1),
         stride_bs=b_strides[0], stride_b_slice=b_strides[1], stride_bn=b_strides[2], stride_br=b_strides[3],
         stride_ym=y.stride(0), stride_yn=y.stride(1), HAS_BIAS=bias is not None, SLICE_COLS=slice_cols,
-        HAS_DROPOUT=drop is not None, NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **cfg.launch_kwargs())
+        NUM_SLICES=n_sl, BLOCK_R=BLOCK_R, **_drop_kwargs(drop, bounds), **cfg.launch_kwargs())
 
 
 def _grad(p, q, perm, seg, ranks, scales, bounds, o, D, R, S, n_sl, o_strides, slice_cols, drop=None):
@@ -186,12 +191,10 @@ def _grad(p, q, perm, seg, ranks, scales, bounds, o, D, R, S, n_sl, o_strides, s
     grid = (S, cdiv(R, cfg["BLOCK_R"]), cdiv(D, cfg["BLOCK_D"]))
     _mlora_grad_kernel[grid](
         p_ptr=p, q_ptr=q, perm_ptr=perm, seg_ptr=seg, rank_ptr=ranks, scale_ptr=scales, bounds_ptr=bounds,
-        o_ptr=o, seed_ptr=drop[0] if drop else bounds, thr_ptr=drop[1] if drop else bounds,
-        inv_ptr=drop[2] if drop else o, M=M, D=D, R_MAX=R, SLOTS=S, stride_pm=p.stride(0), stride_pr=p.stride(1),
+        o_ptr=o, M=M, D=D, R_MAX=R, SLOTS=S, stride_pm=p.stride(0), stride_pr=p.stride(1),
         stride_qm=q.stride(0), stride_qd=q.stride(1), stride_os=o_strides[0], stride_o_slice=o_strides[1],
-        stride_or=o_strides[2], stride_od=o_strides[3], SLICE_COLS=slice_cols, HAS_DROPOUT=drop is not None,
-        NUM_SLICES=n_sl,
-        **cfg.launch_kwargs())
+        stride_or=o_strides[2], stride_od=o_strides[3], SLICE_COLS=slice_cols, NUM_SLICES=n_sl,
+        **_drop_kwargs(drop, bounds), **cfg.launch_kwargs())
 
 
 # ---------------------------------------------------------------- torch.library ops
