@@ -161,6 +161,13 @@ def moe_onehot_masks(token_idx: torch.Tensor, gates: torch.Tensor, num_tokens: i
 
 
 # ---------------------------------------------------------------- multi-adapter LoRA
+def _adapter_runs(ids: torch.Tensor):
+    """(slot, row mask) for each slot ``ids`` uses (-1, no adapter, skipped)."""
+    for a in ids.unique().tolist():
+        if a >= 0:
+            yield a, ids == a
+
+
 def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None,
                           dropout_p=None, seeds=None):
     """Per-row loop over adapters: y[i] = x[i]·Wᵀ + s_a·B_a[:, :r_a](A_a[:r_a]·drop(x[i])) (+ bias),
@@ -178,10 +185,7 @@ def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapte
     widths = list(slices) if slices is not None else [weight.shape[0]]
     ranks2, scales2 = ranks.reshape(len(widths), -1), scales.reshape(len(widths), -1)
     row_ids = torch.arange(x.shape[0], device=x.device)
-    for a in adapter_ids.unique().tolist():
-        if a < 0:
-            continue
-        rows = adapter_ids == a
+    for a, rows in _adapter_runs(adapter_ids):
         lo = 0
         for i, width in enumerate(widths):
             r = int(ranks2[i, a])
@@ -208,10 +212,7 @@ def multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_i
     ranks2 = ranks.reshape(n_sl, -1)
     t = torch.zeros(x.shape[0], n_sl * R, dtype=torch.float32, device=x.device)
     xs = x[perm].float()
-    for a in sid.unique().tolist():
-        if a < 0:
-            continue
-        rows = sid == a
+    for a, rows in _adapter_runs(sid):
         for i in range(n_sl):
             r = int(ranks2[i, a])
             xa = _multi_dropped(xs[rows], perm[rows], a, i, dropout_p, seeds)
@@ -234,10 +235,7 @@ def multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, si
     dx_s = dys @ weight.to(acc) if needs_dx else None
     da = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
     db = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
-    for a in sid.unique().tolist():
-        if a < 0:
-            continue
-        rows = sid == a
+    for a, rows in _adapter_runs(sid):
         lo = 0
         for i, width in enumerate(widths):
             r, s = int(ranks2[i, a]), float(scales2[i, a])
