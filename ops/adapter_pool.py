@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import _matches, _set_submodule, read_adapter, scaling_of, write_adapter
+from .common import check
 from .layers import init_lora_
 from .multi_lora import multi_lora_linear
 
@@ -138,6 +139,12 @@ class MultiLoRALinear(nn.Module):
                 f"slots={self.lora_A.shape[0]}, max_rank={self.max_rank}, slices={self.slices}")
 
 
+def _check_rate(value, name: str) -> None:
+    """A PEFT lora_dropout: a number in [0, 1)."""
+    check(isinstance(value, (int, float)) and 0.0 <= value < 1.0, name,
+          f"expected a dropout rate in [0, 1), got {value!r}")
+
+
 class AdapterPool:
     """Load and unload PEFT LoRA adapters into a running model, and serve mixed batches.
 
@@ -184,8 +191,7 @@ class AdapterPool:
             raise ValueError(f"name: adapter {name!r} is already loaded in slot {self.slots[name]}")
         config, tensors = read_adapter(path)
         dropout = config.get("lora_dropout") or 0.0
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"path: lora_dropout must be a rate in [0, 1), got {dropout!r}")
+        _check_rate(dropout, "path: lora_dropout")
         plan = []
         for module, pair in tensors.items():
             if module not in self.layers:
@@ -235,8 +241,7 @@ class AdapterPool:
             raise ValueError(f"name: adapter {name!r} is already loaded in slot {self.slots[name]}")
         if not isinstance(r, int) or not 1 <= r <= self.max_rank:
             raise ValueError(f"r: expected an int in [1, max_rank={self.max_rank}], got {r!r}")
-        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: expected a rate in [0, 1), got {lora_dropout!r}")
+        _check_rate(lora_dropout, "lora_dropout")
         init_lora_(torch.empty(1, 1), torch.empty(1, 1), init_lora_weights)  # validates before any change
         slot = self._free_slot(evict)
         scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
