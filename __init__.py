@@ -9,24 +9,23 @@ Public API:
 * ``LoRALinearFunction``: the autograd Function under ``lora_linear``.
 * ``apply_lora`` / ``save_adapter`` / ``load_adapter``: LoRA on a whole
   model, in PEFT's adapter file format.
-* ``multi_lora_linear``, ``MultiLoRALinear``, ``AdapterPool``: one forward
-  over a batch whose rows use different adapters (inference).
+* ``multi_lora_linear``, ``MultiLoRALinearFunction``, ``MultiLoRALinear``,
+  ``AdapterPool``: one forward over a batch whose rows use different
+  adapters, and training several adapters in one mixed batch.
 * MoE: ``expert_choice_route``, ``topk_route``, ``moe_dispatch``,
   ``moe_combine``, the layers ``ExpertChoiceMoE`` and ``TopKMoE``, and sparse
   upcycling with ``upcycle_mlp`` / ``upcycle_model``.
 """
-from .ops.adapter_pool import AdapterPool, MultiLoRALinear
-from .ops.adapters import apply_lora, load_adapter, save_adapter
-from .ops.layers import LoRALinear
-from .ops.lora import LoRALinearFunction, lora_linear
-from .ops.multi_lora import multi_lora_linear
-from .ops.moe import (MoECombineFunction, MoEDispatchFunction, capacity_from_factor, expert_choice_route,
-                      load_balancing_loss, moe_combine, moe_dispatch, router_z_loss, topk_route)
-from .ops.moe_layers import ExpertChoiceMoE, TopKMoE, upcycle_mlp, upcycle_model
+from .ops.adapters import AdapterPool, apply_lora, load_adapter, save_adapter
+from .ops.lora import LoRALinear, LoRALinearFunction, lora_linear
+from .ops.moe import (ExpertChoiceMoE, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
+                      expert_choice_route, load_balancing_loss, moe_combine, moe_dispatch, router_z_loss, topk_route,
+                      upcycle_mlp, upcycle_model)
+from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora_linear
 
 __version__ = "0.1.0"
 __all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "apply_lora", "save_adapter", "load_adapter",
-           "multi_lora_linear", "MultiLoRALinear", "AdapterPool", "expert_choice_route", "topk_route",
+           "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "AdapterPool", "expert_choice_route", "topk_route",
            "capacity_from_factor", "router_z_loss", "load_balancing_loss", "moe_dispatch", "moe_combine",
            "MoEDispatchFunction", "MoECombineFunction", "ExpertChoiceMoE", "TopKMoE", "upcycle_mlp",
            "upcycle_model", "__version__"]

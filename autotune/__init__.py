@@ -1,9 +1,10 @@
-"""Config spaces, pruning and default picks for every kernel."""
-from .configs import (  # noqa: F401
-    Config,
-    all_spaces,
-    default_lora_grad,
-    default_lora_matmul,
-    default_lora_shrink,
-    rank_block,
-)
+"""Kernel specs, config spaces, the persistent per-GPU tuning cache, the
+ahead-of-time compile and the ``tune`` command.
+
+``REGISTRY`` maps each kernel's name to its ``KernelSpec`` (function, space,
+prune rule, default pick, cache key, AOT variants); the feature modules
+``lora``, ``multi_lora`` and ``moe`` register them on import.
+"""
+from . import lora, moe, multi_lora  # noqa: F401  (register every kernel's spec)
+from .config import MAX_RANK, Config, rank_block  # noqa: F401
+from .registry import REGISTRY, AotVariant, KernelSpec  # noqa: F401

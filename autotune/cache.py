@@ -13,7 +13,7 @@ Lookup order for one launch (first hit wins):
 3. The user cache: ``$POSTTRAIN_KERNELS_CACHE_DIR`` or
    ``~/.cache/posttrain-kernels/``, file ``<gpu>__triton-<version>.json``.
 4. The defaults shipped in the package: ``autotune/tuned/<same file name>``.
-5. The heuristic default of ``autotune/configs.py``.
+5. The heuristic default of the kernel's spec (``autotune/<feature>.py``).
 
 Nothing is tuned during a user's forward pass: tuning happens only in
 ``posttrain-kernels tune``. A cache file that is unreadable, of another
@@ -29,7 +29,8 @@ import pathlib
 import re
 import warnings
 
-from . import configs as C
+from . import config as C
+from .registry import REGISTRY, KernelSpec
 
 FORMAT = 1
 SHIPPED_DIR = pathlib.Path(__file__).parent / "tuned"
@@ -65,7 +66,8 @@ def m_bucket(M: int) -> int:
 
 
 def make_key(dtype_name: str, **dims) -> str:
-    """``dtype|name=value|...`` with M replaced by its bucket."""
+    """``dtype|name=value|...`` in the spec's key order, with M replaced by its
+    bucket and string dims (operand layouts) written as they are."""
     parts = [dtype_name]
     for name, value in dims.items():
         if name == "M":
@@ -77,29 +79,26 @@ def make_key(dtype_name: str, **dims) -> str:
     return "|".join(parts)
 
 
-def _valid_configs(kernel: str, key: str, cc: int) -> set:
-    dtype = key.split("|", 1)[0]
-    if dtype not in C.DTYPES:
-        return set()
-    if kernel in ("lora_matmul", "mlora_matmul"):
-        return set(C.prune_lora_matmul(C.lora_matmul_space(dtype), dtype, cc))
-    if kernel == "mlora_shrink":
-        return set(C.mlora_shrink_space(dtype))
-    if kernel == "mlora_grad":
-        return set(C.prune_mlora_grad(C.mlora_grad_space(dtype), dtype, cc))
-    if kernel == "moe_gather":
-        return set(C.moe_gather_space())
-    if kernel == "moe_segment_sum":
-        return set(C.moe_segment_sum_space())
-    m = re.search(r"\|R=(\d+)", key)
-    block_r = C.rank_block(int(m.group(1))) if m else None
-    if block_r is None:
-        return set()
-    if kernel == "lora_shrink":
-        return set(C.prune_lora_shrink(C.lora_shrink_space(dtype), block_r, dtype, cc))
-    if kernel == "lora_grad":
-        return set(C.prune_lora_grad(C.lora_grad_space(dtype), block_r, dtype, cc))
-    return set()
+def parse_key(spec: KernelSpec, key: str) -> tuple[str, dict]:
+    """(dtype, dims) of a key written by ``make_key`` for ``spec``; raises
+    ``ValueError`` when the key does not have the spec's dimensions."""
+    dtype, *parts = key.split("|")
+    if len(parts) != len(spec.key):
+        raise ValueError(f"expected the dimensions {spec.key}")
+    dims = {}
+    for name, part in zip(spec.key, parts):
+        if name == "M":
+            if not part.startswith("M<="):
+                raise ValueError(f"expected M<=bucket, got {part!r}")
+            dims[name] = int(part[3:])
+        elif "=" in part:
+            got, _, value = part.partition("=")
+            if got != name:
+                raise ValueError(f"expected {name}=..., got {part!r}")
+            dims[name] = int(value)
+        else:
+            dims[name] = part
+    return dtype, dims
 
 
 def load_file(path: pathlib.Path, gpu_name: str, triton_version: str, cc: int) -> dict:
@@ -129,12 +128,25 @@ def load_file(path: pathlib.Path, gpu_name: str, triton_version: str, cc: int) -
             except Exception as e:
                 warnings.warn(f"posttrain-kernels: {path}: bad entry {kernel} {key}: {e}", stacklevel=2)
                 continue
-            if cfg not in _valid_configs(kernel, key, cc):
+            if not _valid(kernel, key, cc, cfg):
                 warnings.warn(f"posttrain-kernels: {path}: {kernel} {key}: config {cfg} is not in this "
                               f"GPU's space (stale cache?); ignored", stacklevel=2)
                 continue
             table[key] = cfg
     return out
+
+
+def _valid(kernel: str, key: str, cc: int, cfg: C.Config) -> bool:
+    """The entry names a registered kernel, a key of its dimensions and a
+    config of its pruned space on this target."""
+    spec = REGISTRY.get(kernel)
+    if spec is None:
+        return False
+    try:
+        dtype, dims = parse_key(spec, key)
+    except ValueError:
+        return False
+    return cfg in spec.valid_configs(dtype, cc, dims)
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,20 +168,23 @@ def reset() -> None:
 _PICKS: dict = {}
 
 
-def select_memo(kernel: str, dtype_name: str, dims: dict, device_info: tuple | None, default):
-    """``select`` memoised on everything it depends on, for the launchers'
-    hot path: the kernel, dtype, dims, device and the three environment
-    variables that change the answer. A hit costs three environment reads and
-    one dict lookup."""
-    env = (os.environ.get(f"POSTTRAIN_KERNELS_CONFIG_{kernel.upper()}"),
-           os.environ.get("POSTTRAIN_KERNELS_TUNING"), os.environ.get("POSTTRAIN_KERNELS_CACHE_DIR"))
-    memo_key = (kernel, dtype_name, tuple(dims.items()), device_info, env)
+def select_config(spec: KernelSpec, dtype_name: str, device_info: tuple | None, **dims) -> C.Config:
+    """The config of one launch of ``spec``'s kernel, memoised on everything
+    the answer depends on: the kernel, dtype, key dimensions, device and the
+    three environment variables that change it. A hit costs three
+    environment reads and one dict lookup (the launchers' hot path).
+    ``dims``: the spec's key dimensions (raw token count as M)."""
+    env = (os.environ.get(C.pin_variable(spec.name)), os.environ.get("POSTTRAIN_KERNELS_TUNING"),
+           os.environ.get("POSTTRAIN_KERNELS_CACHE_DIR"))
+    memo_key = (spec.name, dtype_name, tuple(dims.items()), device_info, env)
     cfg = _PICKS.get(memo_key)
     if cfg is None:
         if len(_PICKS) > 8192:  # many distinct token counts: start over rather than grow
             _PICKS.clear()
-        key = make_key(dtype_name, **dims) if device_info is not None else ""
-        cfg = _PICKS[memo_key] = select(kernel, key, device_info, default)
+        ordered = {name: dims[name] for name in spec.key}
+        key = make_key(dtype_name, **ordered) if device_info is not None else ""
+        cc = None if device_info is None else device_info[1]
+        cfg = _PICKS[memo_key] = select(spec.name, key, device_info, lambda: spec.default(dtype_name, cc, ordered))
     return cfg
 
 

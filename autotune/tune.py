@@ -4,8 +4,12 @@ LoRA layers launch, check each winner against the reference, write the cache.
 A LoRA linear of shape (M tokens, K in, N out, rank r) launches six kernels:
 the forward shrink and matmul, and in the backward the dY shrink, the dB and
 dA reductions and the dx matmul. Each is one tuning case, keyed exactly as
-the launcher keys its lookup (model dimensions, operand layout, a bucketed
-token count), so a tuned entry is found again at run time.
+the launcher keys its lookup (the spec's key dimensions: model dimensions,
+operand layout, a bucketed token count), so a tuned entry is found again at
+run time.
+
+This is the one module of ``autotune`` that imports ``ops`` (it runs the
+launchers); nothing the launchers import imports it.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ from typing import Callable
 
 import torch
 
+from ..ops.common import dtype_name
+from ..ops.lora import launch as L
 from . import cache
-from . import configs as C
+from .config import Config, pin_variable, rank_block
+from .lora import LORA_GRAD, LORA_MATMUL, LORA_SHRINK
 
 # Linear-layer shapes (in_features K, out_features N) of a decoder block.
 PRESETS = {
@@ -44,15 +51,13 @@ class Case:
     kernel: str
     key: str
     space: list
-    default: C.Config
+    default: Config
     run: Callable[[], torch.Tensor]  # launches with whatever config is pinned
     reference: torch.Tensor  # fp32
 
 
 def lora_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: torch.device, cc: int) -> list[Case]:
     """The six launches of one LoRA linear fwd+bwd, with fp32 references."""
-    from ..ops import lora as L
-    from ..ops.common import dtype_name
     dn = dtype_name(dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
@@ -61,27 +66,22 @@ def lora_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: torch
     t = L.lora_shrink(x, a, 1.0)
     dt = L.lora_shrink(dy, b.t(), 2.0)
     xf, dyf, wf, af, bf = (v.float() for v in (x, dy, w, a, b))
-    br = C.rank_block(r)
-    shrink_space = C.prune_lora_shrink(C.lora_shrink_space(dn), br, dn, cc)
-    grad_space = C.prune_lora_grad(C.lora_grad_space(dn), br, dn, cc)
-    matmul_space = C.prune_lora_matmul(C.lora_matmul_space(dn), dn, cc)
-    key = lambda **d: cache.make_key(dn, **d)  # noqa: E731
+
+    def case(spec, run, reference, **dims):
+        block_r = rank_block(r) if spec.rank_blocked else None
+        return Case(spec.name, cache.make_key(dn, **dims), spec.configs(dn, cc, block_r), spec.default(dn, cc, dims),
+                    run, reference)
+
     return [
-        Case("lora_shrink", key(K=K, R=r, layout="a", M=M), shrink_space,
-             C.default_lora_shrink(M, K, br, dn, cc), lambda: L.lora_shrink(x, a, 1.0), xf @ af.t()),
-        Case("lora_matmul", key(N=N, K=K, layout="w", M=M), matmul_space,
-             C.default_lora_matmul(M, N, K, dn, cc), lambda: L.lora_matmul(x, w, t, b, None, 2.0),
-             xf @ wf.t() + 2.0 * (t @ bf.t())),
-        Case("lora_shrink", key(K=N, R=r, layout="aT", M=M), shrink_space,
-             C.default_lora_shrink(M, N, br, dn, cc), lambda: L.lora_shrink(dy, b.t(), 2.0), 2.0 * dyf @ bf),
-        Case("lora_grad", key(P=N, R=r, layout="o", M=M), grad_space,
-             C.default_lora_grad(M, N, br, dn, cc), lambda: L.lora_grad(dy, t, 2.0), 2.0 * dyf.t() @ t),
-        Case("lora_grad", key(P=K, R=r, layout="oT", M=M), grad_space,
-             C.default_lora_grad(M, K, br, dn, cc), lambda: L.lora_grad(x, dt, 1.0, transpose_out=True),
-             dt.t() @ xf),
-        Case("lora_matmul", key(N=K, K=N, layout="wT", M=M), matmul_space,
-             C.default_lora_matmul(M, K, N, dn, cc), lambda: L.lora_matmul(dy, w.t(), dt, a.t(), None, 1.0),
-             dyf @ wf + dt @ af),
+        case(LORA_SHRINK, lambda: L.lora_shrink(x, a, 1.0), xf @ af.t(), K=K, R=r, layout="a", M=M),
+        case(LORA_MATMUL, lambda: L.lora_matmul(x, w, t, b, None, 2.0), xf @ wf.t() + 2.0 * (t @ bf.t()),
+             N=N, K=K, layout="w", M=M),
+        case(LORA_SHRINK, lambda: L.lora_shrink(dy, b.t(), 2.0), 2.0 * dyf @ bf, K=N, R=r, layout="aT", M=M),
+        case(LORA_GRAD, lambda: L.lora_grad(dy, t, 2.0), 2.0 * dyf.t() @ t, P=N, R=r, layout="o", M=M),
+        case(LORA_GRAD, lambda: L.lora_grad(x, dt, 1.0, transpose_out=True), dt.t() @ xf, P=K, R=r, layout="oT",
+             M=M),
+        case(LORA_MATMUL, lambda: L.lora_matmul(dy, w.t(), dt, a.t(), None, 1.0), dyf @ wf + dt @ af,
+             N=K, K=N, layout="wT", M=M),
     ]
 
 
@@ -108,7 +108,7 @@ def tune_cases(cases: list[Case], timer=default_timer, tolerance: float = 2e-2, 
     total = sum(len(c.space) + 1 for c in cases)
     done = 0
     for case in cases:
-        var = f"POSTTRAIN_KERNELS_CONFIG_{case.kernel.upper()}"
+        var = pin_variable(case.kernel)
         saved = os.environ.get(var)
         timings = []
         try:

@@ -18,20 +18,23 @@ import torch
 
 def measure(reps: int = 500, rounds: int = 5) -> float:
     """Best-of-rounds microseconds per fwd+bwd."""
-    from ..ops import lora as L
+    import dataclasses
+
+    from ..ops.lora import function as F
+    from ..ops.lora import launch as L
+    from ..ops.lora import op as O
 
     class _NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    saved = {n: getattr(L, n) for n in ("_lora_shrink_kernel", "_lora_matmul_kernel", "_lora_grad_kernel",
-                                        "use_triton", "device_info", "compute_capability", "num_sms")}
+    specs = ("LORA_SHRINK", "LORA_MATMUL", "LORA_GRAD")
+    saved = [(L, n, getattr(L, n)) for n in (*specs, "device_info", "num_sms")] + [(O, "use_triton", O.use_triton)]
     try:
-        for n in ("_lora_shrink_kernel", "_lora_matmul_kernel", "_lora_grad_kernel"):
-            setattr(L, n, _NoLaunch())
-        L.use_triton = lambda device, backend=None: True
+        for n in specs:  # the same specs (config lookup and all), with a kernel that launches nothing
+            setattr(L, n, dataclasses.replace(getattr(L, n), fn=_NoLaunch()))
+        O.use_triton = lambda device, backend=None: True
         L.device_info = lambda device: ("NVIDIA H100 80GB HBM3", 90)  # the cache lookup runs as on a GPU
-        L.compute_capability = lambda device: 90
         L.num_sms = lambda device: 132
         x = torch.randn(64, 64, requires_grad=True)
         w = torch.randn(64, 64)
@@ -40,7 +43,7 @@ def measure(reps: int = 500, rounds: int = 5) -> float:
         dy = torch.randn(64, 64)
 
         def step():
-            y = L.lora_linear(x, w, a, b, 2.0)
+            y = F.lora_linear(x, w, a, b, 2.0)
             torch.autograd.grad(y, (x, a, b), dy)
 
         for _ in range(50):
@@ -53,8 +56,8 @@ def measure(reps: int = 500, rounds: int = 5) -> float:
             best = min(best, (time.perf_counter() - t0) / reps * 1e6)
         return best
     finally:
-        for n, v in saved.items():
-            setattr(L, n, v)
+        for module, n, v in saved:
+            setattr(module, n, v)
 
 
 if __name__ == "__main__":

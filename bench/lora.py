@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ops import reference as ref
 from ..ops.common import dtype_name
 from ..ops.lora import lora_linear
+from ..ops.lora import reference as ref
 from .common import Result, Timer
 
 PROVIDERS = ("linear", "eager", "compile", "peft", "ours")

@@ -16,9 +16,9 @@ import dataclasses
 import torch
 
 from ..ops import moe as M
-from ..ops import reference as ref
 from ..ops.common import dtype_name
-from ..ops.moe_layers import ExpertChoiceMoE
+from ..ops.moe import ExpertChoiceMoE
+from ..ops.moe import reference as ref
 from .common import Result, Timer
 
 

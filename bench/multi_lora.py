@@ -22,9 +22,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..ops import reference as ref
 from ..ops.common import dtype_name
 from ..ops.multi_lora import multi_lora_linear
+from ..ops.multi_lora import reference as ref
 from .common import Result, Timer
 
 

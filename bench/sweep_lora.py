@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from ..autotune import configs as C
-from ..ops import lora as L
+from ..autotune.config import Config, pin_variable, rank_block
+from ..autotune.lora import LORA_GRAD, LORA_MATMUL, LORA_SHRINK
 from ..ops.backend import compute_capability
 from ..ops.common import dtype_name
+from ..ops.lora import launch as L
 
 
 # Candidates outside the shipped spaces, timed next to them to decide what
@@ -60,25 +61,22 @@ def sweep(M, K, N, r, dtype=torch.bfloat16):
     t = L.lora_shrink(x, a, 1.0)
     dt = L.lora_shrink(dy, b.t(), 2.0)
     cases = {
-        "lora_matmul fwd": ("lora_matmul", lambda: L.lora_matmul(x, w, t, b, None, 2.0),
-                            C.prune_lora_matmul(C.lora_matmul_space(dn), dn, cc)),
+        "lora_matmul fwd": ("lora_matmul", lambda: L.lora_matmul(x, w, t, b, None, 2.0), LORA_MATMUL.configs(dn, cc)),
         "lora_matmul dx": ("lora_matmul", lambda: L.lora_matmul(dy, w.t(), dt, a.t(), None, 1.0),
-                           C.prune_lora_matmul(C.lora_matmul_space(dn), dn, cc)),
-        "lora_shrink x": ("lora_shrink", lambda: L.lora_shrink(x, a, 1.0),
-                          C.prune_lora_shrink(C.lora_shrink_space(dn), C.rank_block(r), dn, cc)),
+                           LORA_MATMUL.configs(dn, cc)),
+        "lora_shrink x": ("lora_shrink", lambda: L.lora_shrink(x, a, 1.0), LORA_SHRINK.configs(dn, cc, rank_block(r))),
         "lora_shrink dy": ("lora_shrink", lambda: L.lora_shrink(dy, b.t(), 2.0),
-                           C.prune_lora_shrink(C.lora_shrink_space(dn), C.rank_block(r), dn, cc)),
-        "lora_grad dB": ("lora_grad", lambda: L.lora_grad(dy, t, 2.0),
-                         C.prune_lora_grad(C.lora_grad_space(dn), C.rank_block(r), dn, cc)),
+                           LORA_SHRINK.configs(dn, cc, rank_block(r))),
+        "lora_grad dB": ("lora_grad", lambda: L.lora_grad(dy, t, 2.0), LORA_GRAD.configs(dn, cc, rank_block(r))),
         "lora_grad dA": ("lora_grad", lambda: L.lora_grad(x, dt, 1.0, transpose_out=True),
-                         C.prune_lora_grad(C.lora_grad_space(dn), C.rank_block(r), dn, cc)),
+                         LORA_GRAD.configs(dn, cc, rank_block(r))),
     }
     rows = [{"case": "F.linear fwd", "config": None, "ms": _time(lambda: F.linear(x, w))},
             {"case": "F.linear dx", "config": None, "ms": _time(lambda: F.linear(dy, w.t()))}]
     for case, (kernel, fn, space) in cases.items():
-        var = f"POSTTRAIN_KERNELS_CONFIG_{kernel.upper()}"
+        var = pin_variable(kernel)
         rows.append({"case": case, "config": "default", "ms": _time(fn)})
-        for cfg in list(space) + [C.Config.from_dict(d) for d in CANDIDATES[kernel]]:
+        for cfg in list(space) + [Config.from_dict(d) for d in CANDIDATES[kernel]]:
             os.environ[var] = json.dumps(cfg.to_dict())
             try:
                 rows.append({"case": case, "config": cfg.to_dict(), "ms": _time(fn)})

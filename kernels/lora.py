@@ -10,7 +10,7 @@ Three kernels cover forward and backward:
 
 * ``_lora_shrink_kernel``   t = scale·drop(X)·Aᵀ             (forward t, backward dt)
 * ``_lora_matmul_kernel``   Y = X·Wᵀ + scale·T·Uᵀ [+ bias]   (forward y, backward dx)
-* ``_lora_grad_kernel``     O = scale·drop(G)ᵀ·T, split over M (backward dA, dB)
+* ``_lora_grad_kernel``     O = scale·drop(X)ᵀ·T, split over M (backward dA, dB)
 """
 import triton
 import triton.language as tl
@@ -90,13 +90,15 @@ def _lora_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """y = x·wᵀ + scale·t·uᵀ (masked by keep(m, n)/(1-p) when HAS_DROPOUT) + bias.
 
-    Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),). The low-rank term is R extra
-    steps of the same K loop, accumulated into the same fp32 tile, so y is
-    written once. With dropout (the dx of the backward, where the mask sits on
+    Grid: (cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N),). The low-rank term is
+    cdiv(R, BLOCK_R) extra reduction steps into the same fp32 tile, so y is
+    written once; its rank tile is BLOCK_R wide (16: r = 16 is one unpadded
+    step), not BLOCK_K, so the t/u tiles take few registers next to the
+    accumulator. With dropout (the dx of the backward, where the mask sits on
     the output column) the low-rank product is masked before it is added.
     """
     # ---- program ids: grouped ordering so that GROUP_M row blocks share
@@ -116,15 +118,16 @@ def _lora_matmul_kernel(
     # ---- main loop: x·wᵀ
     acc = gemm_tile(x_ptrs, w_ptrs, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
-    # ---- low-rank term: R more reduction steps (R ≤ 256, usually 1 step).
-    # scale is folded into t before the cast, so the term lands in acc
-    # without a second accumulator.
-    t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_k[None, :] * stride_tr
-    u_ptrs = u_ptr + offs_k[:, None] * stride_ur + cols[None, :] * stride_un
+    # ---- low-rank term: cdiv(R, BLOCK_R) more reduction steps (R ≤ 256,
+    # one step at r = 16). scale is folded into t before the cast, so the
+    # term lands in acc without a second accumulator.
+    offs_r = tl.arange(0, BLOCK_R)
+    t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    u_ptrs = u_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un
     if HAS_DROPOUT:
         lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_K, num_stages=1):
-        mask_r = (r0 + offs_k) < R
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        mask_r = (r0 + offs_r) < R
         t = tl.load(t_ptrs, mask=mask_r[None, :], other=0.0)
         u = tl.load(u_ptrs, mask=mask_r[:, None], other=0.0)
         t = (t * scale).to(x_ptr.dtype.element_ty)
@@ -132,8 +135,8 @@ def _lora_matmul_kernel(
             lora = mma(t, u.to(t.dtype), lora)
         else:
             acc = mma(t, u.to(t.dtype), acc)
-        t_ptrs += BLOCK_K * stride_tr
-        u_ptrs += BLOCK_K * stride_ur
+        t_ptrs += BLOCK_R * stride_tr
+        u_ptrs += BLOCK_R * stride_ur
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr).to(tl.uint32)
         keep = dropout_keep(seed, offs_m[:, None], offs_n[None, :], drop_threshold)
@@ -150,12 +153,12 @@ def _lora_matmul_kernel(
 
 @triton.jit
 def _lora_grad_kernel(
-    g_ptr,  # [M, P]  (x for dA, dY for dB)
+    x_ptr,  # [M, P]  (x for dA, dY for dB)
     t_ptr,  # [M, R]  fp32 (dt for dA, t for dB)
     o_ptr,  # [SPLIT, P, R] fp32 partial sums, one slab per split (any strides: may be [SPLIT, R, P])
     seed_ptr,  # [1] int32, read only when HAS_DROPOUT
     M, P, R, rows_per_split,
-    stride_gm, stride_gp,
+    stride_xm, stride_xp,
     stride_tm, stride_tr,
     stride_os, stride_op, stride_or,
     scale,  # fp32 multiplier of the whole product
@@ -163,7 +166,7 @@ def _lora_grad_kernel(
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """o[split, p, :] = scale · Σ_{m in split} keep(m, p)·g[m, p]·t[m, :].
+    """o[split, p, :] = scale · Σ_{m in split} keep(m, p)·x[m, p]·t[m, :].
 
     Grid: (cdiv(P, BLOCK_P), SPLIT). The reduction over M is split into
     SPLIT contiguous chunks of ``rows_per_split`` rows, each written to its
@@ -188,14 +191,14 @@ def _lora_grad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + offs_mb
         mask_m = offs_m < m_end
-        g_ptrs = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_p[None, :] * stride_gp
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_p[None, :] * stride_xp
         t_ptrs = t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr
-        g = tl.load(g_ptrs, mask=mask_m[:, None] & mask_p[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_p[None, :], other=0.0)
         t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_m[:, None], offs_p[None, :], drop_threshold)
-            g = tl.where(keep, g, 0.0)
-        acc = mma(tl.trans(g), t.to(g.dtype), acc)
+            x = tl.where(keep, x, 0.0)
+        acc = mma(tl.trans(x), t.to(x.dtype), acc)
 
     # ---- write back this split's slab (zeros when the split is empty)
     acc = acc * scale

@@ -9,10 +9,10 @@ no padding of runs to tiles) and each adapter's rank in steps of
 ``BLOCK_R`` = 16 up to its own rank (no arithmetic on rank padding beyond the
 next multiple of 16, the ``tl.dot`` minimum).
 
-Forward: ``_mlora_shrink_kernel`` (t = A_a·x per run), then
-``_mlora_matmul_kernel`` (base GEMM + every run's expand in one accumulator).
+Forward: ``_multi_lora_shrink_kernel`` (t = A_a·x per run), then
+``_multi_lora_matmul_kernel`` (base GEMM + every run's expand in one accumulator).
 Backward: the same two kernels with transposed operands give dt = dY·B_a and
-dx = dY·W0 + s·dt·A_a; ``_mlora_grad_kernel`` gives dA and dB per adapter.
+dx = dY·W0 + s·dt·A_a; ``_multi_lora_grad_kernel`` gives dA and dB per adapter.
 """
 import triton
 import triton.language as tl
@@ -40,13 +40,13 @@ def _sorted_rows(perm_ptr, sid_ptr, pid_m, M, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _mlora_shrink_kernel(
+def _multi_lora_shrink_kernel(
     x_ptr,  # [M, K]  tokens, original order
     perm_ptr,  # [M] int64  sorted position -> original row
     sid_ptr,  # [M] int64  slot of each sorted row, ascending; -1 = no adapter
     a_ptr,  # [SLOTS, ...]  down projections: slice i of slot a at a·stride_as + i·stride_a_slice
     rank_ptr,  # [NUM_SLICES, SLOTS] int32  rank of each slice of each slot (0 = empty)
-    kb_ptr,  # [NUM_SLICES + 1] int32  K range of each slice, read only when SLICED_K
+    bounds_ptr,  # [NUM_SLICES + 1] int32  first K column of each slice, then K; read only when SLICED_REDUCTION
     t_ptr,  # [SPLIT_K, M, NUM_SLICES·R_MAX] fp32  low-rank activations (partial sums), sorted order
     seed_ptr,  # [NUM_SLICES] int32  dropout seed of each slice, read only when HAS_DROPOUT
     thr_ptr,  # [SLOTS] int32  dropout threshold round(p_a·2**24) of each slot, read only when HAS_DROPOUT
@@ -55,7 +55,7 @@ def _mlora_shrink_kernel(
     stride_xm, stride_xk,
     stride_as, stride_a_slice, stride_ar, stride_ak,
     stride_ts, stride_tm, stride_tr,
-    SLICED_K: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
+    SLICED_REDUCTION: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """t[j, i·R_MAX + :r_ai] = A_a,i · drop(x[perm[j]]) for each sorted row j
@@ -66,7 +66,7 @@ def _mlora_shrink_kernel(
     Forward: A is ``lora_a [SLOTS, NUM_SLICES·R_MAX, K]`` (``stride_a_slice``
     = R_MAX rows) and every slice reduces over all of K. Backward (dt = dY·B):
     x is dY, A is ``lora_b`` read transposed (``stride_a_slice`` = 0) and,
-    with SLICED_K, slice i reduces over its own columns kb[i]:kb[i+1] only.
+    with SLICED_REDUCTION, slice i reduces over its own columns bounds[i]:bounds[i+1] only.
 
     Grid: (cdiv(M, BLOCK_M), SPLIT_K). Each adapter of the tile reads its A
     once per tile (the decode case: many adapters, few tokens each). Program
@@ -87,9 +87,9 @@ def _mlora_shrink_kernel(
         in_run = valid & (sid == a)
         for i in tl.static_range(NUM_SLICES):
             r_a = tl.load(rank_ptr + i * SLOTS + a)
-            if SLICED_K:
-                k_lo = tl.maximum(tl.load(kb_ptr + i), split_lo)
-                k_hi = tl.minimum(tl.load(kb_ptr + i + 1), split_lo + K_PER_SPLIT)
+            if SLICED_REDUCTION:
+                k_lo = tl.maximum(tl.load(bounds_ptr + i), split_lo)
+                k_hi = tl.minimum(tl.load(bounds_ptr + i + 1), split_lo + K_PER_SPLIT)
             else:
                 k_lo = split_lo
                 k_hi = tl.minimum(K, split_lo + K_PER_SPLIT)
@@ -119,7 +119,7 @@ def _mlora_shrink_kernel(
 
 
 @triton.jit
-def _mlora_matmul_kernel(
+def _multi_lora_matmul_kernel(
     x_ptr,  # [M, K]  tokens, original order
     w_ptr,  # [N, K]  frozen weight
     bias_ptr,  # [N]  read only when HAS_BIAS
@@ -130,7 +130,7 @@ def _mlora_matmul_kernel(
     #         a·stride_bs + i·stride_b_slice + n·stride_bn + r·stride_br
     rank_ptr,  # [NUM_SLICES, SLOTS] int32
     scale_ptr,  # [NUM_SLICES, SLOTS] fp32
-    bounds_ptr,  # [NUM_SLICES + 1] int32  first column of each slice, then N; read only when SLICE_COLS
+    bounds_ptr,  # [NUM_SLICES + 1] int32  first column of each slice, then N; read only when SLICED_OUTPUT
     y_ptr,  # [M, N]  output, original order
     seed_ptr,  # [NUM_SLICES] int32  dropout seeds, read only when HAS_DROPOUT (backward dx)
     thr_ptr,  # [SLOTS] int32  dropout thresholds, read only when HAS_DROPOUT
@@ -140,13 +140,13 @@ def _mlora_matmul_kernel(
     stride_tm, stride_tr,
     stride_bs, stride_b_slice, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, SLICE_COLS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SLICED_OUTPUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """y[perm[j]] = x[perm[j]]·Wᵀ + Σ_runs Σ_slices s_a,i·t[j, slice i, :r_ai]·B_a[slice i cols, :r_ai]ᵀ + bias.
 
-    Forward (SLICE_COLS): output slices (fused q/k/v, GQA widths) share x and
+    Forward (SLICED_OUTPUT): output slices (fused q/k/v, GQA widths) share x and
     the launch, B is ``lora_b [SLOTS, N, R_MAX]`` (``stride_b_slice`` = 0) and
     slice i owns columns bounds[i]:bounds[i+1]; a tile that straddles a slice
     boundary handles each slice it holds. Backward (dx = dY·W0 + Σ_i s·dt_i·A_i):
@@ -179,7 +179,7 @@ def _mlora_matmul_kernel(
     while a < _NO_ADAPTER:
         in_run = valid & (sid == a)
         for i in tl.static_range(NUM_SLICES):
-            if SLICE_COLS:
+            if SLICED_OUTPUT:
                 lo = tl.load(bounds_ptr + i)
                 hi = tl.load(bounds_ptr + i + 1)
                 in_slice = (offs_n >= lo) & (offs_n < hi)
@@ -218,14 +218,14 @@ def _mlora_matmul_kernel(
 
 
 @triton.jit
-def _mlora_grad_kernel(
+def _multi_lora_grad_kernel(
     p_ptr,  # [M, NUM_SLICES·R_MAX] fp32, sorted order: dt (for dA) or t (for dB)
     q_ptr,  # [M, D]  original order: x (for dA) or dY (for dB)
     perm_ptr,  # [M] int64  sorted position -> original row
     seg_ptr,  # [SLOTS + 1] int64  the sorted rows of slot a are seg[a]:seg[a+1]
     rank_ptr,  # [NUM_SLICES, SLOTS] int32
     scale_ptr,  # [NUM_SLICES, SLOTS] fp32
-    bounds_ptr,  # [NUM_SLICES + 1] int32  column range of each slice, read only when SLICE_COLS
+    bounds_ptr,  # [NUM_SLICES + 1] int32  first D column of each slice, then D; read only when SLICED_OUTPUT
     o_ptr,  # fp32 gradient: element (r, d) of slice i of slot a at a·stride_os + i·stride_o_slice + ...
     seed_ptr,  # [NUM_SLICES] int32  dropout seeds, read only when HAS_DROPOUT (dA: q = drop(x))
     thr_ptr,  # [SLOTS] int32  dropout thresholds, read only when HAS_DROPOUT
@@ -233,7 +233,7 @@ def _mlora_grad_kernel(
     M, D, R_MAX, SLOTS,
     stride_pm, stride_pr, stride_qm, stride_qd,
     stride_os, stride_o_slice, stride_or, stride_od,
-    SLICE_COLS: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
+    SLICED_OUTPUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """o[a, slice i, r, d] = s_a,i · Σ_{sorted rows j of slot a} p[j, i·R_MAX + r] · q[perm[j], d]
@@ -242,7 +242,7 @@ def _mlora_grad_kernel(
     dA: p = dt, q = x, o = dA ``[SLOTS, NUM_SLICES·R_MAX, K]`` (``stride_o_slice``
     = R_MAX rows), every slice over all of K. dB: p = t, q = dY, o = dB
     ``[SLOTS, N, R_MAX]`` read as [r, n] (``stride_o_slice`` = 0), and with
-    SLICE_COLS slice i only on its columns bounds[i]:bounds[i+1]. With
+    SLICED_OUTPUT slice i only on its columns bounds[i]:bounds[i+1]. With
     HAS_DROPOUT (dA), q is the forward's dropped x: masked by keep(seed_i,
     original row, d, thr_a) and scaled by 1/(1-p_a).
 
@@ -261,7 +261,7 @@ def _mlora_grad_kernel(
 
     for i in tl.static_range(NUM_SLICES):
         r_a = tl.load(rank_ptr + i * SLOTS + a)
-        if SLICE_COLS:
+        if SLICED_OUTPUT:
             in_cols = (offs_d >= tl.load(bounds_ptr + i)) & (offs_d < tl.load(bounds_ptr + i + 1))
         else:
             in_cols = offs_d < D

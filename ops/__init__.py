@@ -1,4 +1,16 @@
-"""Launchers, torch.library ops, autograd Functions, functionals, layers, references."""
+"""Everything above the kernels, one package per feature, each with the same shape.
+
+    lora/        fused LoRA linear
+    multi_lora/  batched multi-adapter LoRA
+    moe/         MoE routing, dispatch/combine, layers, upcycling
+    adapters/    PEFT integration: adapter files, apply/save/load, the adapter pool
+
+A feature package holds ``launch.py`` (launchers: the only importer of
+``kernels/`` and ``autotune/``), ``reference.py`` (the same ops in plain
+PyTorch), ``op.py`` (the ``torch.library`` ops, flat schemas),
+``function.py`` (autograd Functions, functionals and their argument checks)
+and its ``nn.Module`` layers. Shared: ``backend.py`` (which implementation
+runs), ``common.py`` (checks, LoRA scale, rank cap, the frozen-Linear base),
+``dropout.py`` (the kernels' dropout hash in PyTorch).
+"""
 from .backend import use_triton  # noqa: F401
-from .layers import LoRALinear  # noqa: F401
-from .lora import LoRALinearFunction, lora_linear  # noqa: F401

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from posttrain_kernels.autotune import configs as C
+from posttrain_kernels.autotune import REGISTRY
+from posttrain_kernels.autotune import config as C
 
 pytestmark = pytest.mark.aot
 
@@ -31,13 +32,13 @@ def test_every_config_compiles(cc, tmp_path):
     bad = [r for r in rows if not r["ok"]]
     assert not bad, "\n".join(f"{r['kernel']} {r['dtype']} R{r['block_r']} {r['config']}: {r['error']}" for r in bad)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    # The compile covered every kernel, dtype and rank block, and both layouts.
+    # The compile covered every kernel, dtype and rank block, and every layout of each spec.
     seen = {(r["kernel"], r["dtype"], r["block_r"]) for r in rows}
     for d in C.DTYPES:
         assert ("lora_matmul", d, None) in seen
         for br in C.RANK_BLOCKS:
             assert ("lora_shrink", d, br) in seen and ("lora_grad", d, br) in seen
-    spaces = C.all_spaces(cc)
-    assert len(rows) == sum(len(v) for v in spaces.values())
-    for kernel in ("moe_gather", "moe_segment_sum"):
-        assert {r["dtype"] for r in rows if r["kernel"] == kernel} == set(C.DTYPES), kernel
+    assert len(rows) == sum(len(spec.compiled_space(cc)) for spec in REGISTRY.values())
+    for name, spec in REGISTRY.items():
+        assert {r["dtype"] for r in rows if r["kernel"] == name} == set(C.DTYPES), name
+        assert {r["variant"] for r in rows if r["kernel"] == name} == {v.name for v in spec.variants}, name

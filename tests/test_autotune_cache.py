@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from posttrain_kernels.autotune import cache, tune
-from posttrain_kernels.autotune import configs as C
+from posttrain_kernels.autotune import config as C
+from posttrain_kernels.autotune.lora import LORA_MATMUL, LORA_SHRINK
 
 GPU = ("Test GPU 80GB", 90)
 TRITON = __import__("triton").__version__
 KEY = cache.make_key("bfloat16", N=4096, K=4096, layout="w", M=8192)
-SPACE = C.prune_lora_matmul(C.lora_matmul_space("bfloat16"), "bfloat16", 90)
-DEFAULT = C.default_lora_matmul(8192, 4096, 4096, "bfloat16", 90)
+SPACE = LORA_MATMUL.configs("bfloat16", 90)
+DEFAULT = LORA_MATMUL.default("bfloat16", 90, dict(N=4096, K=4096, layout="w", M=8192))
 OTHER = next(c for c in SPACE if c != DEFAULT)
 
 
@@ -45,6 +46,17 @@ def test_key_buckets_token_count():
     assert cache.make_key("bfloat16", N=1, M=8192) == cache.make_key("bfloat16", N=1, M=4097)
     assert cache.make_key("bfloat16", N=1, M=1) == "bfloat16|N=1|M<=16"
     assert cache.file_name("NVIDIA H100 80GB HBM3", "3.6.0") == "NVIDIA_H100_80GB_HBM3__triton-3.6.0.json"
+
+
+def test_key_parses_back_by_the_spec():
+    """A key is read back through the kernel's spec (its key dimensions in
+    order); a key of other dimensions is rejected, not guessed at."""
+    assert cache.parse_key(LORA_MATMUL, KEY) == ("bfloat16", dict(N=4096, K=4096, layout="w", M=8192))
+    key = cache.make_key("float16", K=4096, R=24, layout="aT", M=100)
+    assert cache.parse_key(LORA_SHRINK, key) == ("float16", dict(K=4096, R=24, layout="aT", M=128))
+    for bad in ("bfloat16|N=4096|w|M<=8192", "bfloat16|K=4096|N=4096|w|M<=8192", "bfloat16|N=4096|K=4096|w|8192"):
+        with pytest.raises(ValueError):
+            cache.parse_key(LORA_MATMUL, bad)
 
 
 def test_file_format_round_trip(isolated_cache):
@@ -97,6 +109,8 @@ def test_stale_entry_is_ignored_with_warning(isolated_cache):
     path = _write("user", isolated_cache, stale)
     data = json.loads(path.read_text())
     data["kernels"]["lora_matmul"]["bfloat16|N=8|K=8|w|M<=16"] = {"config": {"BLOCK_M": "x"}}
+    data["kernels"]["lora_matmul"]["bfloat16|R=8|w|M<=16"] = {"config": OTHER.to_dict()}  # not this kernel's key
+    data["kernels"]["no_such_kernel"] = {KEY: {"config": OTHER.to_dict()}}
     path.write_text(json.dumps(data))
     cache.reset()
     with pytest.warns(UserWarning) as record:
@@ -163,7 +177,7 @@ def test_tune_command_needs_a_gpu(capsys):
 
 def test_memoised_pick_follows_pins_and_new_files(isolated_cache, monkeypatch):
     dims = dict(N=4096, K=4096, layout="w", M=8192)
-    pick = lambda: cache.select_memo("lora_matmul", "bfloat16", dims, GPU, lambda: DEFAULT)  # noqa: E731
+    pick = lambda: cache.select_config(LORA_MATMUL, "bfloat16", GPU, **dims)  # noqa: E731
     assert pick() == DEFAULT
     _write("user", isolated_cache, OTHER)  # write() resets the memo
     assert pick() == OTHER

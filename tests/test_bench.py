@@ -81,7 +81,7 @@ def test_peft_mixed_batch_provider_matches_ours(device):
 
 def test_host_overhead_tool_runs_and_restores():
     from posttrain_kernels.bench import host_overhead
-    from posttrain_kernels.ops import lora as L
-    before = L._lora_matmul_kernel
+    from posttrain_kernels.ops.lora import launch as L
+    before = L.LORA_MATMUL
     assert host_overhead.measure(reps=5, rounds=1) > 0
-    assert L._lora_matmul_kernel is before, "the stubs must be removed again"
+    assert L.LORA_MATMUL is before, "the stubs must be removed again"

@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close_rule
 
 import posttrain_kernels as pk
-from posttrain_kernels.ops import reference as ref
+from posttrain_kernels.ops.lora import reference as ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nan_poison")]
 

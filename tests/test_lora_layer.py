@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import posttrain_kernels as pk
-from posttrain_kernels.ops import reference as ref
+from posttrain_kernels.ops.lora import reference as ref
 
 
 def test_fresh_from_linear_equals_linear(device):
@@ -95,7 +95,7 @@ def test_merge_unmerge_round_trip(dtype, device):
 def test_merged_forward_is_one_plain_linear(device, monkeypatch):
     layer = pk.LoRALinear(16, 12, r=4, init_lora_weights=False, device=device)
     layer.merge()
-    from posttrain_kernels.ops import layers
+    from posttrain_kernels.ops.lora import layer as layers
 
     def boom(*a, **k):
         raise AssertionError("merged forward must not call the LoRA kernels")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import posttrain_kernels as pk
-from posttrain_kernels.ops import reference as ref
+from posttrain_kernels.ops.moe import reference as ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nan_poison")]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import posttrain_kernels as pk
-from posttrain_kernels.ops import reference as ref
+from posttrain_kernels.ops.multi_lora import reference as ref
 
 from helpers import assert_close_rule
 

@@ -1,4 +1,4 @@
-"""Multi-tenant LoRA serving: ``MultiLoRALinear`` and ``AdapterPool``.
+"""Multi-tenant LoRA serving and training: ``AdapterPool``.
 
 A pool swaps the targeted ``nn.Linear`` modules of any model for
 ``MultiLoRALinear`` layers that hold ``max_adapters`` adapter slots each.
@@ -12,131 +12,16 @@ No Triton here: the layers call ``multi_lora_linear``.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .adapters import _matches, _set_submodule, read_adapter, scaling_of, write_adapter
-from .common import check
-from .layers import init_lora_
-from .multi_lora import multi_lora_linear
-
-
-class MultiLoRALinear(nn.Module):
-    """An ``nn.Linear`` whose rows can each use one of ``max_adapters`` LoRA
-    adapters (slots), in one forward. Gradients flow to x, and to the slot
-    buffers when they are made to require grad (training several adapters in
-    one mixed batch); the base weight and bias stay frozen.
-
-    Buffers: ``lora_A [slots, max_rank, in]``, ``lora_B [slots, out, max_rank]``
-    (the base weight's dtype), ``ranks [slots]`` (int32, 0 = empty) and
-    ``scales [slots]``. ``adapter_ids`` (set by ``AdapterPool.batch``) picks the
-    slot of every token, or of every batch row; ``None`` runs the base layer.
-
-    ``slices``: output widths of a fused projection (q/k/v in one Linear, e.g.
-    ``[4096, 1024, 1024]``), each slice with its own adapter per slot:
-    ``lora_A`` is then ``[slots, len(slices)·max_rank, in]`` and ``ranks`` /
-    ``scales`` ``[len(slices), slots]``; one launch serves every slice.
-    """
-
-    def __init__(self, in_features: int, out_features: int, max_adapters: int, max_rank: int, bias: bool = True,
-                 slices: Optional[Sequence[int]] = None, device=None, dtype=None):
-        super().__init__()
-        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base, max_adapters, max_rank, slices)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, max_adapters: int, max_rank: int,
-                    slices: Optional[Sequence[int]] = None) -> "MultiLoRALinear":
-        """Wrap ``linear``; its weight and bias are reused (no copy) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(linear, max_adapters, max_rank, slices)
-        return self
-
-    def _setup(self, linear, max_adapters, max_rank, slices=None):
-        if max_adapters < 1 or not 1 <= max_rank <= 256:
-            raise ValueError(f"max_adapters / max_rank: expected >= 1 and in [1, 256], got {max_adapters}, {max_rank}")
-        if slices is not None and (sum(slices) != linear.out_features or min(slices) < 1):
-            raise ValueError(f"slices: expected positive widths summing to {linear.out_features}, got {list(slices)}")
-        self.slices = None if slices is None else [int(w) for w in slices]
-        n_sl = 1 if slices is None else len(slices)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
-        self.max_rank = max_rank
-        rs = (max_adapters,) if slices is None else (n_sl, max_adapters)
-        self.register_buffer("lora_A", torch.zeros(max_adapters, n_sl * max_rank, self.in_features, **kw))
-        self.register_buffer("lora_B", torch.zeros(max_adapters, self.out_features, max_rank, **kw))
-        self.register_buffer("ranks", torch.zeros(rs, dtype=torch.int32, device=kw["device"]))
-        self.register_buffer("scales", torch.zeros(rs, dtype=torch.float32, device=kw["device"]))
-        # LoRA dropout per slot, applied in training mode (host copy: decides whether to pass it, no sync)
-        self.register_buffer("lora_dropout", torch.zeros(max_adapters, dtype=torch.float32, device=kw["device"]))
-        self._dropout: dict[int, float] = {}
-        self.adapter_ids: Optional[torch.Tensor] = None
-
-    @torch.no_grad()
-    def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 slice_index: Optional[int] = None, dropout: float = 0.0) -> None:
-        """Write one adapter (``lora_a [r, in]``, ``lora_b [out or slice width, r]``)
-        into ``slot`` (of slice ``slice_index`` for a fused projection), with
-        its LoRA dropout rate (the slot's, shared by its slices)."""
-        r = lora_a.shape[0]
-        if r > self.max_rank:
-            raise ValueError(f"lora_a: rank {r} exceeds max_rank={self.max_rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a rate in [0, 1), got {dropout!r}")
-        self.lora_dropout[slot] = dropout
-        self._dropout[slot] = float(dropout)
-        if self.slices is None:
-            self.lora_A[slot].zero_()
-            self.lora_B[slot].zero_()
-            self.lora_A[slot, :r] = lora_a
-            self.lora_B[slot, :, :r] = lora_b
-            self.ranks[slot] = r
-            self.scales[slot] = scale
-            return
-        i = slice_index
-        lo = sum(self.slices[:i])
-        R = self.max_rank
-        self.lora_A[slot, i * R:(i + 1) * R].zero_()
-        self.lora_B[slot, lo:lo + self.slices[i]].zero_()
-        self.lora_A[slot, i * R:i * R + r] = lora_a
-        self.lora_B[slot, lo:lo + self.slices[i], :r] = lora_b
-        self.ranks[i, slot] = r
-        self.scales[i, slot] = scale
-
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.ranks[..., slot] = 0
-        self.scales[..., slot] = 0.0
-        self.lora_dropout[slot] = 0.0
-        self._dropout.pop(slot, None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.adapter_ids
-        if ids is None:
-            return nn.functional.linear(x, self.weight, self.bias)
-        tokens = x.shape[:-1]
-        if ids.dim() == 1 and len(tokens) >= 2 and ids.numel() == tokens[0]:
-            ids = ids[:, None].expand(*tokens)  # one id per batch row
-        drop = self.lora_dropout if self.training and any(p > 0 for p in self._dropout.values()) else None
-        return multi_lora_linear(x, self.weight, self.lora_A, self.lora_B, self.ranks, self.scales,
-                                 ids.reshape(-1), self.bias, self.slices, drop)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"slots={self.lora_A.shape[0]}, max_rank={self.max_rank}, slices={self.slices}")
+from ..common import check, lora_alpha_of, lora_scale
+from ..lora.layer import check_init, init_lora_
+from ..multi_lora.layer import MultiLoRALinear
+from .format import matches_target, read_adapter, scaling_of, write_adapter
+from .model import set_submodule
 
 
 def _check_rate(value, name: str) -> None:
@@ -156,14 +41,14 @@ class AdapterPool:
 
     def __init__(self, model: nn.Module, target_modules: Union[str, Iterable[str]], max_adapters: int = 8,
                  max_rank: int = 16):
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, target_modules)]
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, target_modules)]
         if not names:
             raise ValueError(f"target_modules: no nn.Linear of the model matches {target_modules!r}")
         self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
         self.layers: dict[str, MultiLoRALinear] = {}
         for n in names:
             layer = MultiLoRALinear.from_linear(model.get_submodule(n), max_adapters, max_rank)
-            _set_submodule(model, n, layer)
+            set_submodule(model, n, layer)
             self.layers[n] = layer
         self.slots: dict[str, int] = {}  # adapter name -> slot
         self._rslora: dict[str, bool] = {}  # adapter name -> rsLoRA scaling (for save)
@@ -242,9 +127,9 @@ class AdapterPool:
         if not isinstance(r, int) or not 1 <= r <= self.max_rank:
             raise ValueError(f"r: expected an int in [1, max_rank={self.max_rank}], got {r!r}")
         _check_rate(lora_dropout, "lora_dropout")
-        init_lora_(torch.empty(1, 1), torch.empty(1, 1), init_lora_weights)  # validates before any change
+        check_init(init_lora_weights)  # before any change
         slot = self._free_slot(evict)
-        scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        scale = lora_scale(lora_alpha, r, use_rslora)
         for layer in self.layers.values():
             a = torch.empty(r, layer.in_features, device=layer.lora_A.device, dtype=torch.float32)
             b = torch.empty(layer.out_features, r, device=layer.lora_B.device, dtype=torch.float32)
@@ -285,7 +170,7 @@ class AdapterPool:
             r = int(layer.ranks[slot])
             if r == 0:
                 continue
-            alpha = float(layer.scales[slot]) * (math.sqrt(r) if rslora else r)
+            alpha = lora_alpha_of(float(layer.scales[slot]), r, rslora)
             ranks[n], alphas[n] = r, int(round(alpha)) if abs(alpha - round(alpha)) < 1e-4 else alpha
             tensors[n] = (layer.lora_A[slot, :r], layer.lora_B[slot, :, :r])
         if not tensors:

@@ -1,4 +1,5 @@
-"""nn.Module layers. They call the functional API only; no Triton here."""
+"""``LoRALinear``: a drop-in ``nn.Linear`` with one LoRA adapter. It calls
+the functional API only; no Triton here."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import MAX_RANK, lora_linear
+from ..common import MAX_RANK, FrozenLinearWrapper, lora_scale
+from .function import lora_linear
+
+INIT_CHOICES = (True, False, "kaiming", "gaussian")
+
+
+def check_init(init_lora_weights) -> None:
+    if init_lora_weights not in INIT_CHOICES:
+        raise ValueError(f"init_lora_weights: expected True, False, 'kaiming' or 'gaussian', got {init_lora_weights!r}")
 
 
 @torch.no_grad()
@@ -18,8 +27,7 @@ def init_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, init_lora_weights: Un
     place: ``"kaiming"`` / ``True`` (A kaiming-uniform with a=√5, B zero),
     ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``False`` (B kaiming-uniform too:
     the adapter is not a no-op; for tests)."""
-    if init_lora_weights not in (True, False, "kaiming", "gaussian"):
-        raise ValueError(f"init_lora_weights: expected True, False, 'kaiming' or 'gaussian', got {init_lora_weights!r}")
+    check_init(init_lora_weights)
     if init_lora_weights == "gaussian":
         nn.init.normal_(lora_a, std=1.0 / lora_a.shape[0])
     else:
@@ -30,7 +38,7 @@ def init_lora_(lora_a: torch.Tensor, lora_b: torch.Tensor, init_lora_weights: Un
         nn.init.zeros_(lora_b)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(FrozenLinearWrapper):
     """Drop-in ``nn.Linear`` with a LoRA adapter: ``y = W0·x + s·B(A·dropout(x)) + b``.
 
     ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
@@ -49,45 +57,32 @@ class LoRALinear(nn.Module):
                  init_lora_weights: Union[bool, str] = "kaiming", device=None, dtype=None,
                  adapter_dtype: Optional[torch.dtype] = torch.float32):
         super().__init__()
-        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, adapter_dtype)
+        self._setup(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype), r, lora_alpha,
+                    lora_dropout, use_rslora, init_lora_weights, adapter_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = "kaiming",
                     adapter_dtype: Optional[torch.dtype] = torch.float32) -> "LoRALinear":
         """Wrap ``linear``: its weight and bias Parameters are reused (no copy) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, adapter_dtype)
-        return self
+        return super().from_linear(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                                   adapter_dtype)
 
-    def _setup(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype):
+    def _setup(self, linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype):
         if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
             raise ValueError(f"r: must be an int in [1, {MAX_RANK}], got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in (True, False, "kaiming", "gaussian"):
-            raise ValueError(f"init_lora_weights: expected True, False, 'kaiming' or 'gaussian', "
-                             f"got {init_lora_weights!r}")
-        self.out_features, self.in_features = weight.shape
-        weight.requires_grad_(False)
-        self.register_parameter("weight", weight)
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.register_parameter("bias", bias)
+        check_init(init_lora_weights)
+        self._adopt(linear)
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        dtype = adapter_dtype or weight.dtype
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.scaling = lora_scale(lora_alpha, r, use_rslora)
+        dtype = adapter_dtype or self.weight.dtype
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=self.weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=self.weight.device, dtype=dtype)
         self.merged = False
         self.reset_lora_parameters(init_lora_weights)
 

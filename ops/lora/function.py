@@ -1,0 +1,104 @@
+"""Fused LoRA: the autograd Function and the functional API.
+
+    lora_linear()  ─►  LoRALinearFunction  ─►  posttrain_kernels::lora_fwd / lora_bwd (op.py)
+                                                 ├► launch.py ─► kernels/lora.py
+                                                 └► reference.py (CPU tensors)
+
+Validation lives here, above the backend choice: both backends see the same
+checked arguments and raise nothing of their own.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import call_op, check_backend
+from ..common import FLOAT_DTYPES, MAX_RANK, check
+from .op import lora_bwd, lora_bwd_impl, lora_fwd, lora_fwd_impl
+
+
+# ---------------------------------------------------------------- autograd
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x·W0ᵀ + scale·(drop(x)·Aᵀ)·Bᵀ + bias. W0 gets no gradient.
+
+    Saves x, t (fp32 [M, R]) and the dropout seed; the mask is regenerated
+    in the backward, never stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
+        x2d = x.reshape(-1, x.shape[-1])
+        y, t = call_op(lora_fwd, lora_fwd_impl, x2d, weight, lora_a, lora_b, bias, scale,
+                         dropout_p, seed, backend)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, t, seed)
+        ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_a, lora_b, t, seed = ctx.saved_tensors
+        needs_dx = ctx.needs_input_grad[0]
+        needs_dbias = ctx.needs_input_grad[4]
+        dx, da, db, dbias = call_op(
+            lora_bwd, lora_bwd_impl, dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_a, lora_b, t,
+            ctx.scale, ctx.dropout_p, seed, needs_dx, needs_dbias, ctx.backend)
+        return (dx.reshape(ctx.x_shape) if needs_dx else None, None, da, db,
+                dbias.to(ctx.bias_dtype) if needs_dbias else None, None, None, None, None)
+
+
+# ---------------------------------------------------------------- functional
+def check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
+    """Raise ValueError naming the bad argument, before any kernel runs."""
+    for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check(isinstance(v, Tensor), name, f"expected a Tensor, got {type(v).__name__}")
+        check(v.dtype in FLOAT_DTYPES, name, f"dtype must be float16, bfloat16 or float32, got {v.dtype}")
+    check(x.dim() >= 1, "x", "must have at least one dimension [..., in_features]")
+    check(weight.dim() == 2, "weight", f"expected [out_features, in_features], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    check(K >= 1 and N >= 1, "weight", f"needs at least one in- and out-feature, got shape {tuple(weight.shape)}")
+    check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
+    check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
+    check(lora_a.dim() == 2 and lora_a.shape[1] == K, "lora_a",
+           f"expected [r, in_features={K}], got shape {tuple(lora_a.shape)}")
+    R = lora_a.shape[0]
+    check(1 <= R <= MAX_RANK, "lora_a", f"rank r = lora_a.shape[0] must be in [1, {MAX_RANK}], got {R}")
+    check(tuple(lora_b.shape) == (N, R), "lora_b",
+           f"expected [out_features={N}, r={R}], got shape {tuple(lora_b.shape)}")
+    if bias is not None:
+        check(isinstance(bias, Tensor), "bias", f"expected a Tensor or None, got {type(bias).__name__}")
+        check(tuple(bias.shape) == (N,), "bias", f"expected [out_features={N}], got shape {tuple(bias.shape)}")
+        check(bias.dtype in FLOAT_DTYPES, "bias", f"dtype must be floating, got {bias.dtype}")
+    for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if v is not None:
+            check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
+    check(isinstance(scale, (int, float)) and math.isfinite(scale), "scale",
+           f"expected a finite float, got {scale!r}")
+    check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0, "dropout_p",
+           f"must be in [0, 1), got {dropout_p!r}")
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
+                bias: Optional[Tensor] = None, dropout_p: float = 0.0, *,
+                backend: Optional[str] = None) -> Tensor:
+    """Fused LoRA linear: ``x·weightᵀ + scale·(dropout(x)·lora_aᵀ)·lora_bᵀ + bias``.
+
+    Shapes as PEFT: ``x [..., K]``, ``weight [N, K]``, ``lora_a [r, K]``,
+    ``lora_b [N, r]``, ``bias [N]``; returns ``[..., N]`` in x's dtype.
+    ``weight`` gets no gradient. Dropout (on the LoRA input only) is applied
+    whenever ``dropout_p > 0``, as ``F.dropout(training=True)`` would.
+    ``backend``: ``"auto"`` (default), ``"triton"`` or ``"reference"``; see
+    ``ops/backend.py``.
+    """
+    check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p)
+    backend = check_backend(backend)
+    dropout_p = float(dropout_p)
+    seed = None
+    if dropout_p > 0.0:
+        # A device tensor, not a Python int: no host sync, graph capturable.
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scale), dropout_p, seed, backend)

@@ -1,0 +1,15 @@
+"""MoE: expert-choice and top-K capacity routing, deterministic dispatch/combine, layers, sparse upcycling.
+
+routing.py    expert_choice_route, topk_route, capacities, router losses (plain PyTorch)
+launch.py     gather / segment-sum launchers (the only importer of kernels/ and autotune/)
+reference.py  the ops in plain PyTorch, and the one-hot formulation
+op.py         torch.library ops posttrain_kernels::moe_dispatch / moe_segment_sum / moe_combine_bwd
+function.py   MoEDispatchFunction, MoECombineFunction, moe_dispatch, moe_combine (argument checks)
+layer.py      Experts, ExpertChoiceMoE, TopKMoE
+upcycle.py    upcycle_mlp, upcycle_model
+"""
+from .function import MoECombineFunction, MoEDispatchFunction, moe_combine, moe_dispatch  # noqa: F401
+from .layer import ExpertChoiceMoE, Experts, TopKMoE  # noqa: F401
+from .routing import (capacity_from_factor, expert_choice_route, load_balancing_loss, router_z_loss,  # noqa: F401
+                      topk_route)
+from .upcycle import upcycle_mlp, upcycle_model  # noqa: F401

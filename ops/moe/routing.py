@@ -1,0 +1,148 @@
+"""MoE routing in plain PyTorch: expert choice and top-K token choice with a
+capacity, and the router's auxiliary losses.
+
+One slot-table format serves both routing modes: ``token_idx [E, C]`` (int64,
+the token each expert slot holds, -1 for an empty slot) and ``gates [E, C]``
+(fp32, 0 for an empty slot). Every shape is static (E, C and n only), so
+nothing here synchronises with the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def capacity_from_factor(num_tokens: int, num_experts: int, capacity_factor: float, top_k: int = 1,
+                         multiple_of: int = 1) -> int:
+    """Slots per expert: ``ceil(capacity_factor · top_k · num_tokens / num_experts)``,
+    rounded up to a multiple of ``multiple_of``, at least 1.
+
+    Expert choice uses top_k = 1 (T = C·n/E of the paper); top-K routing
+    counts the K assignments of every token.
+    """
+    if num_experts < 1 or capacity_factor <= 0 or top_k < 1 or multiple_of < 1:
+        raise ValueError("capacity_from_factor: num_experts, capacity_factor, top_k and multiple_of must be "
+                         f"positive, got {num_experts}, {capacity_factor}, {top_k}, {multiple_of}")
+    cap = max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts - 1e-9))
+    return -(-cap // multiple_of) * multiple_of
+
+
+def _grouped(logits: Tensor, group_size: Optional[int]) -> Tensor:
+    n, E = logits.shape
+    g = n if group_size is None else group_size
+    if g < 1 or n % g:
+        raise ValueError(f"group_size: must divide the token count {n}, got {group_size}")
+    return logits.reshape(n // g, g, E)
+
+
+def _check_logits(router_logits: Tensor, capacity: int) -> None:
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits: expected [tokens, experts], got shape {tuple(router_logits.shape)}")
+    if not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"capacity: expected a positive int, got {capacity!r}")
+
+
+def expert_choice_route(router_logits: Tensor, capacity: int, group_size: Optional[int] = None):
+    """Expert choice (Zhou et al. 2022): each expert picks its top ``capacity``
+    tokens by router probability (softmax over experts, fp32).
+
+    Returns ``(gates, token_idx)``, both ``[E, capacity]`` (with groups:
+    ``[E, num_groups · capacity]``, each group's slots side by side, token
+    indices global). Ties go to the lower token index. When a group has fewer
+    tokens than ``capacity``, the extra slots are empty (-1, gate 0).
+    """
+    _check_logits(router_logits, capacity)
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    grouped = _grouped(probs, group_size)  # [G, g, E]
+    G, g, E = grouped.shape
+    take = min(capacity, g)
+    # Stable top-k: sort descending with a stable sort so equal probabilities
+    # keep token order (torch.topk does not promise an order for ties).
+    vals, idx = torch.sort(grouped.transpose(1, 2), dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :take], idx[..., :take]  # [G, E, take]
+    idx = idx + (torch.arange(G, device=idx.device) * g)[:, None, None]
+    if take < capacity:
+        pad = capacity - take
+        vals = torch.nn.functional.pad(vals, (0, pad), value=0.0)
+        idx = torch.nn.functional.pad(idx, (0, pad), value=-1)
+    gates = vals.permute(1, 0, 2).reshape(E, G * capacity)
+    token_idx = idx.permute(1, 0, 2).reshape(E, G * capacity)
+    return gates.contiguous(), token_idx.contiguous()
+
+
+DROP_ORDERS = ("position", "probability")
+
+
+def topk_route(router_logits: Tensor, top_k: int, capacity: int, group_size: Optional[int] = None,
+               normalize: bool = True, drop_order: str = "position"):
+    """Token choice: each token goes to its ``top_k`` experts (softmax over
+    experts in fp32; ``normalize`` rescales the chosen probabilities to sum to
+    1, as Mixtral does); each expert keeps at most ``capacity`` tokens.
+
+    Drop order: all first choices are placed before any second choice, and
+    within one choice rank tokens are placed in token order
+    (``drop_order="position"``, GShard's) or by their top-1 router
+    probability, highest first, ties by position (``"probability"``, V-MoE's
+    batch prioritized routing); an assignment that finds its expert full is
+    dropped (the token then gets less, or nothing, from the layer). Within an
+    expert, kept slots follow that placement order. Returns ``(gates,
+    token_idx)`` ``[E, capacity]`` (``[E, num_groups · capacity]`` with
+    groups) with empty slots at -1 / 0.
+    """
+    _check_logits(router_logits, capacity)
+    n, E = router_logits.shape
+    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k: expected an int in [1, {E}], got {top_k!r}")
+    if drop_order not in DROP_ORDERS:
+        raise ValueError(f"drop_order: expected one of {DROP_ORDERS}, got {drop_order!r}")
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    topv, topi = torch.topk(probs, top_k, dim=-1)  # [n, K]
+    top1 = topv[:, :1]
+    if normalize:
+        topv = topv / topv.sum(dim=-1, keepdim=True)
+    grouped_i = _grouped(topi, group_size)  # [G, g, K]
+    grouped_v = _grouped(topv, group_size)
+    G, g, K = grouped_i.shape
+    # Priority order inside a group: choice rank first, then token (by position or by top-1 probability).
+    tok = torch.arange(g, device=topi.device).expand(G, g)
+    if drop_order == "probability":
+        tok = torch.argsort(_grouped(top1, group_size)[..., 0], dim=1, descending=True, stable=True)  # [G, g]
+        grouped_i = grouped_i.gather(1, tok[..., None].expand(G, g, K))
+        grouped_v = grouped_v.gather(1, tok[..., None].expand(G, g, K))
+    choice = grouped_i.transpose(1, 2).reshape(G, K * g)  # [G, K·g]
+    value = grouped_v.transpose(1, 2).reshape(G, K * g)
+    token = tok.repeat(1, K) + (torch.arange(G, device=topi.device) * g)[:, None]  # [G, K·g]
+    onehot = torch.nn.functional.one_hot(choice, E).to(torch.int32)  # [G, K·g, E]
+    position = (torch.cumsum(onehot, dim=1) - 1).gather(2, choice[..., None])[..., 0]  # [G, K·g]
+    keep = position < capacity
+    # Each kept assignment owns a distinct slot, so the scatter has no
+    # collisions; dropped ones go to a sink slot that is cut off.
+    slot = choice * capacity + position
+    sink = E * capacity
+    flat = torch.where(keep, slot, torch.full_like(slot, sink))
+    token_idx = torch.full((G, sink + 1), -1, dtype=torch.int64, device=topi.device)
+    gates = torch.zeros((G, sink + 1), dtype=torch.float32, device=topi.device)
+    token_idx.scatter_(1, flat, torch.where(keep, token, -1))
+    gates.scatter_(1, flat, torch.where(keep, value, 0.0))
+    token_idx = token_idx[:, :sink].reshape(G, E, capacity).permute(1, 0, 2).reshape(E, G * capacity)
+    gates = gates[:, :sink].reshape(G, E, capacity).permute(1, 0, 2).reshape(E, G * capacity)
+    return gates.contiguous(), token_idx.contiguous()
+
+
+def router_z_loss(router_logits: Tensor) -> Tensor:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)²."""
+    return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
+
+
+def load_balancing_loss(router_logits: Tensor, top_k: int) -> Tensor:
+    """Switch/GShard auxiliary loss for top-K routing: E · Σ_e f_e · P_e, with
+    f_e the fraction of token assignments (before capacity drops) to expert e
+    and P_e its mean router probability. 1.0 when perfectly balanced."""
+    n, E = router_logits.shape
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    f = torch.nn.functional.one_hot(chosen, E).float().sum(dim=(0, 1)) / (n * top_k)
+    return E * (f * probs.mean(dim=0)).sum()

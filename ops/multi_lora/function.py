@@ -1,0 +1,118 @@
+"""Multi-adapter LoRA: the autograd Function and the functional API.
+
+    multi_lora_linear()  ─►  MultiLoRALinearFunction  ─►  posttrain_kernels::multi_lora_fwd / _bwd (op.py)
+                                                            ├► launch.py ─► kernels/multi_lora.py
+                                                            └► reference.py (CPU tensors)
+
+Validation lives here, above the backend choice.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backend import call_op, check_backend
+from ..common import check
+from .op import multi_lora_bwd, multi_lora_bwd_impl, multi_lora_fwd, multi_lora_fwd_impl
+
+
+# ---------------------------------------------------------------- autograd
+class MultiLoRALinearFunction(torch.autograd.Function):
+    """Batched multi-adapter LoRA with gradients for x, lora_a, lora_b and
+    bias (not for weight, ranks, scales, ids). Saves t (fp32, sorted order)
+    and the row order only when some input needs a gradient; the dropout
+    masks are regenerated from the seeds, never stored."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds,
+                backend):
+        y, t, perm, sid = call_op(multi_lora_fwd, multi_lora_fwd_impl, x, weight, bias, lora_a, lora_b, ranks,
+                                  scales, adapter_ids, slices, dropout_p, seeds, backend)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, dropout_p, seeds)
+        ctx.slices, ctx.backend = slices, backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(t, perm, sid)
+        return y, t, perm, sid
+
+    @staticmethod
+    def backward(ctx, dy, _dt, _dperm, _dsid):
+        x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, dropout_p, seeds = ctx.saved_tensors
+        needs_dx, needs_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        needs_dlora = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        dx, da, db, dbias = call_op(multi_lora_bwd, multi_lora_bwd_impl, dy, x, weight, lora_a, lora_b, ranks,
+                                    scales, t, perm, sid, ctx.slices, needs_dx, needs_dlora, needs_dbias,
+                                    dropout_p, seeds, ctx.backend)
+        return (dx if needs_dx else None, None, dbias.to(ctx.bias_dtype) if needs_dbias else None,
+                da if ctx.needs_input_grad[3] else None, db if ctx.needs_input_grad[4] else None,
+                None, None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------- functional
+def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
+                      adapter_ids: Tensor, bias: Optional[Tensor] = None, slices: Optional[list[int]] = None,
+                      dropout_p: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+    """``y[i] = x[i]·weightᵀ + scales[a]·lora_b[a, :, :r_a]·(lora_a[a, :r_a]·x[i]) (+ bias)``
+    with ``a = adapter_ids[i]`` (-1: no adapter) and ``r_a = ranks[a]``.
+
+    ``x [..., K]``; ``adapter_ids`` has one entry per token (``x.shape[:-1]``
+    flattened). Pool shapes as in this package's doc. Differentiable in x,
+    lora_a, lora_b and bias (several adapters trained in one batch); the
+    gradient of a slot is zero outside its rank and when no row uses it;
+    ``weight`` gets none.
+
+    ``dropout_p``: LoRA dropout per slot, a float32 ``[SLOTS]`` tensor of
+    rates in [0, 1] (PEFT's ``lora_dropout`` of each adapter), applied to the
+    adapter input whenever given, as ``F.dropout(training=True)`` would; each
+    slice of a fused projection draws its own mask. None: no dropout.
+
+    ``slices``: output widths of fused projections sharing x (fused q/k/v,
+    e.g. ``[4096, 1024, 1024]`` with GQA), each with its own adapter: then
+    ``lora_a`` is ``[SLOTS, len(slices)·R_MAX, K]`` (slice i at rows
+    ``i·R_MAX``), ``lora_b`` ``[SLOTS, N, R_MAX]`` (row n belongs to the slice
+    of column n), ``ranks`` / ``scales`` ``[len(slices), SLOTS]``. One launch
+    for all slices.
+    """
+    for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check(isinstance(v, Tensor) and v.is_floating_point(), name, "expected a floating-point tensor")
+    check(weight.dim() == 2, "weight", f"expected [out, in], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
+    check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
+    n_sl = 1
+    if slices is not None:
+        slices = [int(w) for w in slices]
+        n_sl = len(slices)
+        check(n_sl >= 1 and all(w > 0 for w in slices) and sum(slices) == N, "slices",
+               f"expected positive widths summing to out_features={N}, got {slices}")
+    check(lora_b.dim() == 3 and lora_b.shape[1] == N, "lora_b",
+           f"expected [slots, {N}, max_rank], got shape {tuple(lora_b.shape)}")
+    S, R = lora_b.shape[0], lora_b.shape[2]
+    check(tuple(lora_a.shape) == (S, n_sl * R, K), "lora_a",
+           f"expected {(S, n_sl * R, K)}, got shape {tuple(lora_a.shape)}")
+    rs_shape = (S,) if slices is None else (n_sl, S)
+    check(tuple(ranks.shape) == rs_shape and ranks.dtype == torch.int32, "ranks",
+           f"expected int32 {list(rs_shape)}, got {ranks.dtype} {tuple(ranks.shape)}")
+    check(tuple(scales.shape) == rs_shape and scales.dtype == torch.float32, "scales",
+           f"expected float32 {list(rs_shape)}, got {scales.dtype} {tuple(scales.shape)}")
+    M = x.numel() // K
+    check(adapter_ids.numel() == M and not adapter_ids.is_floating_point(), "adapter_ids",
+           f"expected {M} integer ids (one per token), got {adapter_ids.dtype} {tuple(adapter_ids.shape)}")
+    if bias is not None:
+        check(tuple(bias.shape) == (N,), "bias", f"expected [{N}], got shape {tuple(bias.shape)}")
+    for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("ranks", ranks),
+                    ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
+        if v is not None:
+            check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
+    seeds = None
+    if dropout_p is not None:
+        check(isinstance(dropout_p, Tensor) and tuple(dropout_p.shape) == (S,) and dropout_p.dtype == torch.float32
+              and dropout_p.device == x.device, "dropout_p",
+              f"expected a float32 [{S}] tensor on {x.device} (one rate per slot), got {dropout_p!r:.80}")
+        # device tensors, not Python ints: no host sync, graph capturable
+        seeds = torch.randint(0, 2**31 - 1, (n_sl,), device=x.device, dtype=torch.int32)
+    y = MultiLoRALinearFunction.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, ranks, scales,
+                                      adapter_ids.reshape(-1), slices, dropout_p, seeds, check_backend(backend))[0]
+    return y.reshape(*x.shape[:-1], N)
