@@ -2,8 +2,11 @@
 
 * Without CUDA the Triton interpreter is switched on (before the package is
   imported), so the real kernels run on the CPU.
-* ``nan_poison``: every float tensor made by ``torch.empty*`` is filled with
-  NaN, so an element a kernel forgets to write fails the comparison.
+* NaN poisoning, on for every test (``@pytest.mark.no_nan_poison`` opts out):
+  every float tensor made by ``torch.empty*`` is filled with NaN, so an
+  element a kernel forgets to write fails the comparison.
+* ``tiny_llama`` / ``tiny_gpt2``: factories of tiny Hugging Face models built
+  from configs (no download), shared by the model-level tests.
 * Markers: ``gpu`` tests skip without CUDA; ``aot`` tests compile for sm_80
   and sm_90 and need no GPU.
 """
@@ -32,8 +35,11 @@ def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-@pytest.fixture
-def nan_poison(monkeypatch):
+@pytest.fixture(autouse=True)
+def nan_poison(request, monkeypatch):
+    if request.node.get_closest_marker("no_nan_poison"):
+        yield
+        return
     real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def poison(t):
@@ -45,3 +51,30 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real_new_empty(self, *a, **k)))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """``make(seed=0)``: a 2-layer Llama (hidden 32, GQA 2:1 heads, vocab 64) in eval mode."""
+    transformers = pytest.importorskip("transformers")
+
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64, bos_token_id=0,
+                                       eos_token_id=0)
+        return transformers.LlamaForCausalLM(cfg).eval()
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """``make(n_layer=2, seed=0)``: a GPT-2 body (Conv1D projections, n_embd 32) in eval mode."""
+    transformers = pytest.importorskip("transformers")
+
+    def make(n_layer: int = 2, seed: int = 0):
+        torch.manual_seed(seed)
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=n_layer, n_head=2, n_positions=16, vocab_size=64,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2Model(cfg).eval()
+    return make

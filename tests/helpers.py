@@ -1,4 +1,4 @@
-"""Comparison helpers: the tolerance rule of DESIGN.md."""
+"""Comparison helpers: the tolerance rule (docs/testing.md)."""
 import torch
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -12,6 +12,9 @@ def assert_close_rule(name, ours, ref_lowp, ref_hi, atol):
     itself is.
     """
     assert ours.shape == ref_hi.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref_hi.shape)}"
+    # The rule needs PyTorch's own low-precision error: passing the reference
+    # twice would silently drop the 2x term.
+    assert ref_lowp.dtype != ref_hi.dtype, f"{name}: ref_lowp must be computed in lower precision than ref_hi"
     ours, ref_lowp, ref_hi = ours.double(), ref_lowp.double(), ref_hi.double()
     assert torch.isfinite(ours).all(), f"{name}: non-finite values (unwritten output?)"
     err = (ours - ref_hi).abs().max().item() if ours.numel() else 0.0

@@ -18,15 +18,8 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]
 
 
-def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=64, bos_token_id=0, eos_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
+def adapters(tmp_path_factory, tiny_llama):
     """PEFT adapters of different ranks, alphas and targets (d: per-module rank
     and alpha patterns), saved with save_pretrained."""
     out = {}
@@ -35,7 +28,7 @@ def adapters(tmp_path_factory):
             ("a", 4, 8, TARGETS, {}), ("b", 8, 4, ["q_proj", "v_proj"], {}), ("c", 16, 16, ["o_proj", "up_proj"], {}),
             ("d", 4, 8, ["q_proj", "o_proj"], patterns)]):
         torch.manual_seed(10 + i)
-        model = peft.get_peft_model(_llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+        model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
                                                               init_lora_weights=False, **extra))
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(str(path))
@@ -47,8 +40,8 @@ def _ids(device, rows=3):
     return torch.randint(0, 64, (rows, 6), generator=torch.Generator().manual_seed(5)).to(device)
 
 
-def test_mixed_batch_matches_peft(adapters, device):
-    base = _llama().to(device)
+def test_mixed_batch_matches_peft(adapters, device, tiny_llama):
+    base = tiny_llama().to(device)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapters["a"]), adapter_name="a")
     peft_model.load_adapter(str(adapters["b"]), adapter_name="b")
     peft_model.eval()
@@ -63,12 +56,12 @@ def test_mixed_batch_matches_peft(adapters, device):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # outside the block the model is the base model again
     with torch.no_grad():
-        plain = _llama().to(device)(ids).logits
+        plain = tiny_llama().to(device)(ids).logits
     torch.testing.assert_close(base(ids).logits, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_per_token_ids_for_packed_batches(adapters, device):
-    base = _llama().to(device)
+def test_per_token_ids_for_packed_batches(adapters, device, tiny_llama):
+    base = tiny_llama().to(device)
     pool = pk.AdapterPool(base, target_modules=TARGETS, max_adapters=4, max_rank=16)
     pool.load("a", adapters["a"])
     pool.load("c", adapters["c"])
@@ -90,8 +83,8 @@ def _same(a, b):
     return a[1] == b[1] and all(all(torch.equal(u, v) for u, v in zip(a[0][n], b[0][n])) for n in a[0])
 
 
-def test_bad_adapters_leave_pool_unchanged(adapters, tmp_path, device):
-    base = _llama().to(device)
+def test_bad_adapters_leave_pool_unchanged(adapters, tmp_path, device, tiny_llama):
+    base = tiny_llama().to(device)
     pool = pk.AdapterPool(base, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"], max_adapters=2,
                           max_rank=8)
     pool.load("b", adapters["b"])
@@ -109,8 +102,8 @@ def test_bad_adapters_leave_pool_unchanged(adapters, tmp_path, device):
     assert _same(before, _snapshot(pool))
 
 
-def test_full_pool_raises_or_evicts_lru(adapters, device):
-    base = _llama().to(device)
+def test_full_pool_raises_or_evicts_lru(adapters, device, tiny_llama):
+    base = tiny_llama().to(device)
     pool = pk.AdapterPool(base, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=8)
     pool.load("b1", adapters["b"])
     pool.load("b2", adapters["b"])
@@ -131,12 +124,12 @@ def _peft_lora(peft_model, name, which):
     return peft_model.base_model.model.get_submodule(name).__getattr__(f"lora_{which}")["default"].weight
 
 
-def test_train_adapters_in_one_mixed_batch_like_peft(tmp_path, device):
+def test_train_adapters_in_one_mixed_batch_like_peft(tmp_path, device, tiny_llama):
     """Two new adapters (ranks 4 and 8, one with rsLoRA) trained in one mixed
     batch: each slot's gradient equals PEFT's gradient of that adapter on its
     own rows; after an optimizer step, ``save`` writes adapters that PEFT,
     and a fresh pool, load back with the pool's logits."""
-    model = _llama().to(device)
+    model = tiny_llama().to(device)
     base = copy.deepcopy(model)
     pool = pk.AdapterPool(model, target_modules=TARGETS, max_adapters=3, max_rank=8)
     torch.manual_seed(1)
@@ -184,11 +177,11 @@ def test_train_adapters_in_one_mixed_batch_like_peft(tmp_path, device):
     assert pool.names == ["a", "b"], "a rejected add leaves the pool as it was"
 
 
-def test_save_keeps_rank_and_alpha_patterns(adapters, tmp_path, device):
+def test_save_keeps_rank_and_alpha_patterns(adapters, tmp_path, device, tiny_llama):
     """An adapter whose modules differ in rank and alpha (PEFT's rank_pattern /
     alpha_pattern) goes through load and save unchanged: PEFT reads the saved
     directory back with the pool's logits."""
-    base = _llama().to(device)
+    base = tiny_llama().to(device)
     pool = pk.AdapterPool(copy.deepcopy(base), target_modules=TARGETS, max_adapters=2, max_rank=8)
     pool.load("d", adapters["d"])
     ids = _ids(device, rows=2)
@@ -204,10 +197,10 @@ def test_save_keeps_rank_and_alpha_patterns(adapters, tmp_path, device):
     torch.testing.assert_close(got, again.detach(), rtol=1e-4, atol=1e-4)
 
 
-def test_lora_dropout_per_adapter(tmp_path, device):
+def test_lora_dropout_per_adapter(tmp_path, device, tiny_llama):
     """An adapter's lora_dropout acts on its rows in training mode only, is
     written by ``save`` and read back by ``load``; other rows are untouched."""
-    model = _llama().to(device)
+    model = tiny_llama().to(device)
     pool = pk.AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=4)
     pool.add("drop", r=4, lora_dropout=0.5, init_lora_weights=False)
     pool.add("keep", r=4, init_lora_weights=False)
@@ -222,7 +215,7 @@ def test_lora_dropout_per_adapter(tmp_path, device):
     torch.testing.assert_close(tr1[1:], ev[1:], rtol=1e-5, atol=1e-5, msg="rows of other adapters are untouched")
     pool.save("drop", tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.5
-    fresh = pk.AdapterPool(_llama().to(device), target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=4)
+    fresh = pk.AdapterPool(tiny_llama().to(device), target_modules=["q_proj", "v_proj"], max_adapters=1, max_rank=4)
     slot = fresh.load("drop", tmp_path)
     assert all(float(layer.lora_dropout[slot]) == 0.5 for layer in fresh.layers.values())
     with pytest.raises(ValueError, match="^lora_dropout"):

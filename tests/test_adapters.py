@@ -15,48 +15,41 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=64, bos_token_id=0, eos_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def _ids(device):
     return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1)).to(device)
 
 
-def test_apply_lora_wraps_targets_and_freezes(device):
-    model = _llama().to(device)
+def test_apply_lora_wraps_targets_and_freezes(device, tiny_llama):
+    model = tiny_llama().to(device)
     names = pk.apply_lora(model, TARGETS, r=4, lora_alpha=8)
     assert len(names) == 2 * 3 and all(n.split(".")[-1] in TARGETS for n in names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     with pytest.raises(ValueError, match="^target_modules"):
-        pk.apply_lora(_llama(), ["no_such_proj"])
+        pk.apply_lora(tiny_llama(), ["no_such_proj"])
 
 
-def test_save_adapter_then_peft_loads_it(tmp_path, device):
-    model = _llama().to(device)
+def test_save_adapter_then_peft_loads_it(tmp_path, device, tiny_llama):
+    model = tiny_llama().to(device)
     pk.apply_lora(model, TARGETS, r=4, lora_alpha=8, init_lora_weights=False)  # non-zero B
     ids = _ids(device)
     ours = model(ids).logits
     pk.save_adapter(model, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and sorted(cfg["target_modules"]) == sorted(TARGETS)
-    base = _llama().to(device)  # same seed: the same base weights
+    base = tiny_llama().to(device)  # same seed: the same base weights
     peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
     torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
 
 
-def test_peft_adapter_loads_into_our_layers(tmp_path, device):
-    base = _llama().to(device)
+def test_peft_adapter_loads_into_our_layers(tmp_path, device, tiny_llama):
+    base = tiny_llama().to(device)
     cfg = peft.LoraConfig(r=6, lora_alpha=12, target_modules=TARGETS, init_lora_weights=False)
     peft_model = peft.get_peft_model(base, cfg).eval()
     ids = _ids(device)
     want = peft_model(ids).logits
     peft_model.save_pretrained(str(tmp_path))
-    model = _llama().to(device)
+    model = tiny_llama().to(device)
     loaded = pk.load_adapter(model, tmp_path)
     assert len(loaded) == 6
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
@@ -86,12 +79,12 @@ def _corrupt(path, how):
 
 @pytest.mark.parametrize("how,text", [("corrupt-file", "safetensors"), ("missing-key", "misses"),
                                       ("wrong-shape", "do not fit"), ("unknown-module", "lacks")])
-def test_malformed_adapter_leaves_model_unchanged(tmp_path, how, text, device):
-    src = _llama().to(device)
+def test_malformed_adapter_leaves_model_unchanged(tmp_path, how, text, device, tiny_llama):
+    src = tiny_llama().to(device)
     pk.apply_lora(src, TARGETS, r=4, lora_alpha=8, init_lora_weights=False)
     pk.save_adapter(src, tmp_path)
     _corrupt(tmp_path, how)
-    model = _llama().to(device)
+    model = tiny_llama().to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=text):
         pk.load_adapter(model, tmp_path)

@@ -10,26 +10,14 @@ import posttrain_kernels as pk
 transformers = pytest.importorskip("transformers")
 
 
-def _gpt2(n_layer=2):
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=n_layer, n_head=2, n_positions=16, vocab_size=64,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2Model(cfg).eval()
-
-
-def _llama():
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=64, bos_token_id=0, eos_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("router,kwargs", [
     ("expert_choice", dict(capacity_factor=4.0)),  # C = E: every expert takes every token
     ("topk", dict(top_k=2, capacity_factor=2.0)),  # capacity n: nothing dropped, gates renormalised
 ])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_upcycling_invariant(family, router, kwargs, device):
+def test_upcycling_invariant(family, router, kwargs, device, tiny_llama, tiny_gpt2):
     torch.manual_seed(0)
-    model = (_gpt2() if family == "gpt2" else _llama()).to(device)
+    model = (tiny_gpt2() if family == "gpt2" else tiny_llama()).to(device)
     mlp = model.h[0].mlp if family == "gpt2" else model.model.layers[0].mlp
     moe = pk.upcycle_mlp(mlp, 4, router=router, **kwargs).eval()
     x = torch.randn(3, 5, 32, device=device)
@@ -38,18 +26,18 @@ def test_upcycling_invariant(family, router, kwargs, device):
     assert abs(moe.router.weight.std().item() - 0.02) < 0.01, "new router ~ N(0, 0.02)"
 
 
-def test_upcycle_model_every_other_and_last(device):
+def test_upcycle_model_every_other_and_last(device, tiny_gpt2):
     torch.manual_seed(0)
-    model = _gpt2(n_layer=4).to(device)
+    model = tiny_gpt2(n_layer=4).to(device)
     ids = torch.randint(0, 64, (2, 9), device=device)
     before = model(ids).last_hidden_state
     replaced = pk.upcycle_model(model, 4, layers="every_other", capacity_factor=4.0)
     assert replaced == [1, 3]
     assert [type(b.mlp).__name__ for b in model.h] == ["GPT2MLP", "ExpertChoiceMoE", "GPT2MLP", "ExpertChoiceMoE"]
     torch.testing.assert_close(model(ids).last_hidden_state, before, rtol=1e-4, atol=1e-4)
-    assert pk.upcycle_model(_gpt2(n_layer=4), 2, layers="last:1") == [3]
+    assert pk.upcycle_model(tiny_gpt2(n_layer=4), 2, layers="last:1") == [3]
     with pytest.raises(ValueError, match="^layers"):
-        pk.upcycle_model(_gpt2(), 2, layers="first:2")
+        pk.upcycle_model(tiny_gpt2(), 2, layers="first:2")
 
 
 def test_mixtral_block_conversion(device):
