@@ -25,7 +25,8 @@ from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora
 
 __version__ = "0.1.0"
 __all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "apply_lora", "save_adapter", "load_adapter",
-           "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "AdapterPool", "expert_choice_route", "topk_route",
+           "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "AdapterPool", "expert_choice_route",
+           "topk_route",
            "capacity_from_factor", "router_z_loss", "load_balancing_loss", "moe_dispatch", "moe_combine",
            "MoEDispatchFunction", "MoECombineFunction", "ExpertChoiceMoE", "TopKMoE", "upcycle_mlp",
            "upcycle_model", "__version__"]

@@ -116,7 +116,8 @@ class KernelSpec:
         constexprs = {n for n, c in args if c}
         for v in self.variants:
             given = set(cfg.kwargs) | set(self.constants) | set(v.flags) | ({"BLOCK_R"} if self.rank_blocked else set())
-            named = set(v.pointers) | set(v.flags) | v.ones | v.plain | self.floats | set(self.constants) | set(cfg.kwargs)
+            named = (set(v.pointers) | set(v.flags) | v.ones | v.plain | self.floats | set(self.constants)
+                     | set(cfg.kwargs))
             unknown = named - names
             if unknown:
                 raise ValueError(f"{self.name} ({v.name}): names arguments the kernel lacks: {sorted(unknown)}")

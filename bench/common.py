@@ -6,6 +6,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -13,8 +14,12 @@ import torch
 
 @dataclasses.dataclass
 class Result:
+    """One provider's timing of one (bench, shape, mode); ``rel_err`` and
+    ``checks`` on the row whose output was checked against a reference."""
+
     bench: str
-    shape: str
+    shape: str  # a label for the tables; the data are in the other fields
+    dtype: str
     mode: str
     provider: str
     ms: float  # median
@@ -26,6 +31,13 @@ class Result:
     rel_err: float | None = None
     roofline_pct: float | None = None  # floor (measured peaks) / median, in %
     tokens_per_s: float | None = None  # serving benchmarks
+    checks: str | None = None  # what rel_err covers ("forward", "forward and every gradient")
+
+
+def progress(text: str) -> None:
+    """One line per benchmark case, as it starts (stderr, unbuffered): a long
+    run shows where it is."""
+    print(f"... {text}", file=sys.stderr, flush=True)
 
 
 class Timer:
@@ -59,7 +71,7 @@ def header(device: torch.device) -> str:
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
     else:
-        gpu = f"no GPU ({platform.processor() or platform.machine()}): Triton interpreter on CPU, timings are NOT GPU numbers"
+        gpu = f"no GPU ({platform.processor() or platform.machine()}): Triton interpreter on the CPU"
     return (f"{gpu} | torch {torch.__version__} | triton {triton.__version__} | "
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
@@ -110,6 +122,27 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def smoke_table(results: list[Result], tolerance: dict) -> str:
+    """What a smoke run proves: per (bench, shape), the checked outputs'
+    relative error against the reference and the tolerance. No timings: the
+    interpreter's wall clock says nothing about a GPU."""
+    lines = ["| bench | shape | dtype | checked | rel. err | tolerance | result |", "|---|---|---|---|---:|---:|---|"]
+    checked = {(r.bench, r.shape) for r in results if r.rel_err is not None}
+    seen = set()
+    for r in results:
+        if (r.bench, r.shape) in seen or (r.rel_err is None and (r.bench, r.shape) in checked):
+            continue
+        seen.add((r.bench, r.shape))
+        if r.rel_err is None:  # a benchmark with no output check of its own: it ran, that is all
+            providers = ", ".join(q.provider for q in results if (q.bench, q.shape) == (r.bench, r.shape))
+            lines.append(f"| {r.bench} | {r.shape} | {r.dtype} | ran ({providers}) | | | ran |")
+            continue
+        tol = tolerance[r.dtype]
+        ok = "pass" if r.rel_err <= tol else "FAIL"
+        lines.append(f"| {r.bench} | {r.shape} | {r.dtype} | {r.checks} | {r.rel_err:.1e} | {tol:.0e} | {ok} |")
+    return "\n".join(lines)
+
+
 def plot(results: list[Result], path: str) -> None:
     """One bar chart per (shape, mode): median ms by provider, p20–p80 as error bars."""
     try:
@@ -138,8 +171,8 @@ def to_json(results: list[Result]) -> str:
 
 
 def to_csv(results: list[Result]) -> str:
-    keys = ["bench", "shape", "mode", "provider", "ms", "p20_ms", "p80_ms", "tflops", "gbps", "roofline_pct",
-            "rel_err"]
+    keys = ["bench", "shape", "dtype", "mode", "provider", "ms", "p20_ms", "p80_ms", "tflops", "gbps", "roofline_pct",
+            "rel_err", "checks"]
     lines = [",".join(keys + ["vs"])]
     for r in results:
         d = dataclasses.asdict(r)

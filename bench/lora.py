@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..ops.common import dtype_name
 from ..ops.lora import lora_linear
 from ..ops.lora import reference as ref
-from .common import Result, Timer
+from .common import Result, Timer, progress
 
 PROVIDERS = ("linear", "eager", "compile", "peft", "ours")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -170,7 +170,8 @@ def run(shapes, timer: Timer, providers=None, modes=MODES, peaks=None) -> list[R
     device = timer.device
     providers = providers or available_providers()
     out = []
-    for s in shapes:
+    for i, s in enumerate(shapes):
+        progress(f"lora {i + 1}/{len(shapes)}: {s.label}: check, then {len(providers)} providers x {len(modes)} modes")
         inputs = make_inputs(s, device)
         err = check(s, inputs)
         for mode in modes:
@@ -183,7 +184,8 @@ def run(shapes, timer: Timer, providers=None, modes=MODES, peaks=None) -> list[R
                 if peaks is not None:
                     floor = max(flops(s, p, mode) / (peaks[0] * 1e9), min_bytes(s, mode) / (peaks[1] * 1e6))
                 out.append(Result(
-                    bench="lora", shape=s.label, mode=mode, provider=p, ms=med, p20_ms=p20, p80_ms=p80,
+                    bench="lora", shape=s.label, dtype=dtype_name(s.dtype), mode=mode, provider=p, ms=med, p20_ms=p20,
+                    p80_ms=p80, checks="forward and every gradient" if p == "ours" else None,
                     tflops=flops(s, p, mode) / med / 1e9, gbps=min_bytes(s, mode) / med / 1e6,
                     vs={q: med / times[q][0] for q in providers if q != p},
                     rel_err=err if p == "ours" else None,

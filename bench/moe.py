@@ -19,7 +19,7 @@ from ..ops import moe as M
 from ..ops.common import dtype_name
 from ..ops.moe import ExpertChoiceMoE
 from ..ops.moe import reference as ref
-from .common import Result, Timer
+from .common import Result, Timer, progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,8 @@ def dc_bytes(s: DCShape) -> float:
 
 def run_dc(shapes, timer: Timer, peaks=None, providers=("index", "onehot", "ours")) -> list[Result]:
     out = []
-    for s in shapes:
+    for i, s in enumerate(shapes):
+        progress(f"moe dispatch+combine {i + 1}/{len(shapes)}: {s.label}")
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(s.n, s.d, generator=g).to(timer.device, s.dtype)
         logits = torch.randn(s.n, s.E, generator=g).to(timer.device)
@@ -101,8 +102,9 @@ def run_dc(shapes, timer: Timer, peaks=None, providers=("index", "onehot", "ours
         for p in providers:
             med, p20, p80 = times[p]
             roof = None if peaks is None else 100.0 * (nbytes / (peaks[1] * 1e6)) / med
-            out.append(Result(bench="moe-dc", shape=s.label, mode="fwd", provider=p, ms=med, p20_ms=p20,
-                              p80_ms=p80, tflops=0.0, gbps=nbytes / med / 1e6,
+            out.append(Result(bench="moe-dc", shape=s.label, dtype=dtype_name(s.dtype), mode="fwd", provider=p,
+                              ms=med, p20_ms=p20, p80_ms=p80, tflops=0.0, gbps=nbytes / med / 1e6,
+                              checks="forward" if p == "ours" else None,
                               vs={q: med / times[q][0] for q in providers if q != p},
                               rel_err=err if p == "ours" else None, roofline_pct=roof))
     return out
@@ -110,7 +112,8 @@ def run_dc(shapes, timer: Timer, peaks=None, providers=("index", "onehot", "ours
 
 def run_layer(shapes, timer: Timer, peaks=None) -> list[Result]:
     out = []
-    for s in shapes:
+    for i, s in enumerate(shapes):
+        progress(f"moe layer {i + 1}/{len(shapes)}: {s.label}")
         torch.manual_seed(0)
         ours = ExpertChoiceMoE(s.d, s.F, s.E, capacity_factor=s.cf, device=timer.device, dtype=s.dtype)
         eager = ExpertChoiceMoE(s.d, s.F, s.E, capacity_factor=s.cf, device=timer.device, dtype=s.dtype,
@@ -129,8 +132,10 @@ def run_layer(shapes, timer: Timer, peaks=None) -> list[Result]:
         for p in ("eager", "ours"):
             med, p20, p80 = times[p]
             roof = None if peaks is None else 100.0 * (flops / (peaks[0] * 1e9)) / med
-            out.append(Result(bench="moe-layer", shape=s.label, mode="fwd+bwd", provider=p, ms=med, p20_ms=p20,
-                              p80_ms=p80, tflops=flops / med / 1e9, gbps=0.0,
+            out.append(Result(bench="moe-layer", shape=s.label, dtype=dtype_name(s.dtype), mode="fwd+bwd", provider=p,
+                              ms=med, p20_ms=p20, p80_ms=p80,
+                              tflops=flops / med / 1e9, gbps=0.0,
+                              checks="forward (against the reference backend)" if p == "ours" else None,
                               vs={q: med / times[q][0] for q in times if q != p},
                               rel_err=err if p == "ours" else None, roofline_pct=roof))
     return out

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..ops.common import dtype_name
 from ..ops.multi_lora import multi_lora_linear
 from ..ops.multi_lora import reference as ref
-from .common import Result, Timer
+from .common import Result, Timer, progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,8 @@ def run(shapes, timer: Timer, peaks=None) -> list[Result]:
         has_peft = True
     except ImportError:
         has_peft = False
-    for s in shapes:
+    for i, s in enumerate(shapes):
+        progress(f"multi-lora {s.mode} {i + 1}/{len(shapes)}: {s.label}")
         x, w, A, B, ranks, scales, req = make_pool(s, timer.device)
         T = x.shape[1]
         tok_ids = req[:, None].expand(s.requests, T).reshape(-1)
@@ -126,8 +127,9 @@ def run(shapes, timer: Timer, peaks=None) -> list[Result]:
         for p in fns:
             med, p20, p80 = times[p]
             floor = None if peaks is None else max(flops / (peaks[0] * 1e9), nbytes / (peaks[1] * 1e6))
-            out.append(Result(bench="multi-lora", shape=s.label, mode=s.mode, provider=p, ms=med, p20_ms=p20,
-                              p80_ms=p80, tflops=flops / med / 1e9, gbps=nbytes / med / 1e6,
+            out.append(Result(bench="multi-lora", shape=s.label, dtype=dtype_name(s.dtype), mode=s.mode, provider=p,
+                              ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, gbps=nbytes / med / 1e6,
+                              checks="forward" if p == "ours" else None,
                               vs={q: med / times[q][0] for q in fns if q != p},
                               rel_err=err if p == "ours" else None,
                               roofline_pct=None if floor is None else 100.0 * floor / med))
@@ -137,6 +139,7 @@ def run(shapes, timer: Timer, peaks=None) -> list[Result]:
 def serving(timer: Timer, smoke: bool) -> list[Result]:
     """Tokens/s over a stream of requests from many tenants."""
     s = MLShape(8 * 16, 64, 40, 8, 8, 8, torch.float32) if smoke else MLShape(64 * 256, 4096, 4096, 16, 64, 64)
+    progress(f"multi-lora serving: {s.label}")
     x, w, A, B, ranks, scales, _ = make_pool(s, timer.device)
     g = torch.Generator(device="cpu").manual_seed(1)
     req = torch.randint(0, s.adapters, (s.requests,), generator=g).to(timer.device)  # random tenants
@@ -163,8 +166,9 @@ def serving(timer: Timer, smoke: bool) -> list[Result]:
     out = []
     for p in fns:
         med, p20, p80 = times[p]
-        out.append(Result(bench="multi-lora serving", shape=s.label, mode="one step of the stream",
-                          provider=p, ms=med, p20_ms=p20, p80_ms=p80, tflops=0.0, gbps=0.0,
+        out.append(Result(bench="multi-lora serving", shape=s.label, dtype=dtype_name(s.dtype),
+                          mode="one step of the stream", provider=p, ms=med, p20_ms=p20, p80_ms=p80, tflops=0.0,
+                          gbps=0.0,
                           vs={q: med / times[q][0] for q in fns if q != p}, tokens_per_s=s.M / med * 1e3))
     return out
 
@@ -176,6 +180,7 @@ TRAIN_SMOKE = MLShape(48, 64, 40, 8, 4, 8, torch.float32, "train")
 def train(timer: Timer, smoke: bool) -> list[Result]:
     """Forward+backward over a batch whose requests train different adapters."""
     s = TRAIN_SMOKE if smoke else TRAIN_GPU
+    progress(f"multi-lora train: {s.label}")
     x0, w, A0, B0, ranks, scales, req = make_pool(s, timer.device)
     tok_ids = req[:, None].expand(s.requests, x0.shape[1]).reshape(-1)
     x, A, B = (t.detach().clone().requires_grad_(True) for t in (x0, A0, B0))
@@ -201,8 +206,10 @@ def train(timer: Timer, smoke: bool) -> list[Result]:
     out = []
     for p in fns:
         med, p20, p80 = times[p]
-        out.append(Result(bench="multi-lora train", shape=s.label, mode="fwd+bwd", provider=p, ms=med,
-                          p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, gbps=0.0,
+        out.append(Result(bench="multi-lora train", shape=s.label, dtype=dtype_name(s.dtype), mode="fwd+bwd",
+                          provider=p, ms=med, p20_ms=p20, p80_ms=p80,
+                          tflops=flops / med / 1e9, gbps=0.0,
+                          checks="forward and every gradient (against the eager loop)" if p == "ours" else None,
                           vs={q: med / times[q][0] for q in fns if q != p},
                           rel_err=err if p == "ours" else None))
     return out

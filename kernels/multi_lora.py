@@ -144,7 +144,8 @@ def _multi_lora_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[perm[j]] = x[perm[j]]·Wᵀ + Σ_runs Σ_slices s_a,i·t[j, slice i, :r_ai]·B_a[slice i cols, :r_ai]ᵀ + bias.
+    """y[perm[j]] = x[perm[j]]·Wᵀ + Σ_runs Σ_slices s_a,i·t[j, slice i, :r_ai]·B_a[slice i cols, :r_ai]ᵀ
+    + bias.
 
     Forward (SLICED_OUTPUT): output slices (fused q/k/v, GQA widths) share x and
     the launch, B is ``lora_b [SLOTS, N, R_MAX]`` (``stride_b_slice`` = 0) and

@@ -85,3 +85,20 @@ def test_host_overhead_tool_runs_and_restores():
     before = L.LORA_MATMUL
     assert host_overhead.measure(reps=5, rounds=1) > 0
     assert L.LORA_MATMUL is before, "the stubs must be removed again"
+
+
+def test_cli_smoke_run_shows_checks_not_timings(capsys):
+    """Without a GPU, ``posttrain-kernels bench moe --quick`` prints a line
+    per case as it goes, a per-shape correctness table with no timing
+    columns, and a closing line naming only what ran."""
+    if torch.cuda.is_available():
+        pytest.skip("smoke output without a GPU")
+    from posttrain_kernels.bench.cli import main
+    assert main(["bench", "moe", "--quick"]) == 0
+    out, err = capsys.readouterr()
+    assert "... moe dispatch+combine 1/1" in err and "... moe layer 1/1" in err
+    assert "| moe-dc |" in out and "| pass |" in out
+    for fake in ("TFLOP", "median ms", "roofline", "x |"):
+        assert fake not in out, f"smoke output shows {fake!r}"
+    closing = out.strip().splitlines()[-1]
+    assert closing.startswith("self-check passed (moe)") and "lora" not in closing

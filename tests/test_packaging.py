@@ -2,6 +2,7 @@
 lists packages one by one (the repository root is the package), so a new
 folder with an ``__init__.py`` must be added there too."""
 import pathlib
+
 import pytest
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11

@@ -54,7 +54,8 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike], base_model_name_or_path: Optional[str] = None) -> None:
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike],
+                 base_model_name_or_path: Optional[str] = None) -> None:
     """Write the model's LoRA adapters in PEFT's format (one adapter; every
     layer must share r, alpha, dropout and rsLoRA, as one PEFT config does)."""
     layers = _lora_layers(model)

@@ -179,7 +179,8 @@ class AdapterPool:
         suffixes = {n.split(".")[-1] for n in tensors}
         same_set = {n for n in self.layers if n.split(".")[-1] in suffixes} == set(tensors)
         write_adapter(path, tensors, ranks[first], alphas[first], sorted(suffixes if same_set else tensors),
-                      lora_dropout=round(float(self.layers[first].lora_dropout[slot]), 6), use_rslora=rslora, rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
+                      lora_dropout=round(float(self.layers[first].lora_dropout[slot]), 6), use_rslora=rslora,
+                      rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
                       alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
                       base_model_name_or_path=base_model_name_or_path)
 

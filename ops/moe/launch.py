@@ -43,7 +43,8 @@ def moe_gather(src: Tensor, idx: Tensor, scale: Optional[Tensor] = None, other: 
         src_ptr=src, idx_ptr=idx, scale_ptr=scale if scale is not None else out,
         other_ptr=other if other is not None else out, out_ptr=out, dot_ptr=dot if dot is not None else out,
         S=S, D=D, stride_src=src.stride(0), stride_other=other.stride(0) if other is not None else 0,
-        stride_out=out.stride(0), HAS_SCALE=scale is not None, HAS_DOT=other is not None, **MOE_GATHER.launch_kwargs(cfg))
+        stride_out=out.stride(0), HAS_SCALE=scale is not None, HAS_DOT=other is not None,
+        **MOE_GATHER.launch_kwargs(cfg))
     return out, dot
 
 
