@@ -2,7 +2,7 @@
 
 Dropout masks are a counter-based hash of (seed, row, col), not a stored
 tensor: the forward and the backward regenerate the same mask from the seed,
-and ``ops.reference.dropout_keep_ref`` reproduces it bit for bit in PyTorch,
+and ``ops/dropout.py`` reproduces it bit for bit in PyTorch,
 so the tests compare kernels and reference exactly even with dropout on.
 """
 import triton

@@ -58,7 +58,9 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     with ``a = adapter_ids[i]`` (-1: no adapter) and ``r_a = ranks[a]``.
 
     ``x [..., K]``; ``adapter_ids`` has one entry per token (``x.shape[:-1]``
-    flattened). Pool shapes as in this package's doc. Differentiable in x,
+    flattened). The pool: ``lora_a [SLOTS, R_MAX, K]``, ``lora_b [SLOTS, N,
+    R_MAX]``, ``ranks [SLOTS]`` int32 (0 = empty slot), ``scales [SLOTS]``
+    fp32 (e.g. ``lora_alpha / r``). Differentiable in x,
     lora_a, lora_b and bias (several adapters trained in one batch); the
     gradient of a slot is zero outside its rank and when no row uses it;
     ``weight`` gets none.
