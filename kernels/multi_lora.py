@@ -191,8 +191,12 @@ def _multi_lora_matmul_kernel(
                 r_a = tl.load(rank_ptr + i * SLOTS + a)
             s_a = tl.load(scale_ptr + i * SLOTS + a)
             b_base = b_ptr + a.to(tl.int64) * stride_bs + i * stride_b_slice
-            if HAS_DROPOUT:
-                lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # The run's term goes to a tile of its own and joins acc on the
+            # run's rows and the slice's columns only: the other rows' t (and
+            # the other slices' u) are zero, but 0·NaN = NaN, so a NaN or Inf
+            # in this adapter would otherwise reach every row of the tile
+            # (other tenants, base-only rows). Isolation by select.
+            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, r_a, BLOCK_R):
                 mask_r = (r0 + offs_r) < r_a
                 t = tl.load(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm
@@ -200,15 +204,13 @@ def _multi_lora_matmul_kernel(
                             mask=in_run[:, None] & mask_r[None, :], other=0.0)
                 u = tl.load(b_base + cols[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br,
                             mask=mask_r[:, None] & in_slice[None, :], other=0.0)
-                if HAS_DROPOUT:
-                    lora = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), lora)
-                else:
-                    acc = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), acc)
+                lora = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), lora)
+            keep = in_run[:, None] & in_slice[None, :]
             if HAS_DROPOUT:
-                # rows outside the run hold zeros in lora: the mask needs no run test
-                keep = dropout_keep(tl.load(seed_ptr + i).to(tl.uint32), rows[:, None], cols[None, :],
-                                    tl.load(thr_ptr + a))
-                acc += tl.where(keep, lora * tl.load(inv_ptr + a), 0.0)
+                keep = keep & dropout_keep(tl.load(seed_ptr + i).to(tl.uint32), rows[:, None], cols[None, :],
+                                           tl.load(thr_ptr + a))
+                lora = lora * tl.load(inv_ptr + a)
+            acc += tl.where(keep, lora, 0.0)
         a = _next_adapter(sid, valid, a)
 
     # ---- epilogue

@@ -348,3 +348,43 @@ def test_layer_trains_adapters_like_separate_lora_layers(device):
         torch.testing.assert_close(layer.lora_B.grad[slot, :, :r], single.lora_B.weight.grad, rtol=1e-5, atol=1e-5)
         assert not layer.lora_A.grad[slot, r:].any() and not layer.lora_B.grad[slot, :, r:].any()
     assert not layer.lora_A.grad[2].any(), "an unused slot gets a zero gradient"
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e38], ids=["nan", "inf", "1e38"])
+@pytest.mark.parametrize("widths", [None, [12, 5, 7]], ids=["one-slice", "fused-slices"])
+def test_other_slots_cannot_touch_a_row(poison, widths, device):
+    """Tenant isolation: fill every slot but the ones a row uses with NaN,
+    Inf or 1e38 (A and B, every slice); the row's output, its dx and the
+    used slots' gradients stay bitwise the same (forward and backward)."""
+    S, R, K, M = 5, 16, 24, 13
+    N = 24 if widths is None else sum(widths)
+    n_sl = 1 if widths is None else len(widths)
+    g = torch.Generator().manual_seed(21)
+    A = torch.randn(S, n_sl * R, K, generator=g).to(device)
+    B = torch.randn(S, N, R, generator=g).to(device)
+    ranks = torch.randint(1, R + 1, (n_sl, S) if widths else (S,), generator=g).to(device, torch.int32)
+    scales = torch.rand(ranks.shape, generator=g).to(device)
+    x, w = torch.randn(M, K, generator=g).to(device), torch.randn(N, K, generator=g).to(device)
+    ids = torch.tensor([0, 1, -1, 3, 3, 1, 0, 0, 1, -1, 3, 1, 0], device=device)
+    dy = torch.randn(M, N, generator=g).to(device)
+
+    def run(A, B):
+        leaves = _leaves(x, A, B)
+        y = pk.multi_lora_linear(leaves[0], w, leaves[1], leaves[2], ranks, scales, ids, slices=widths)
+        return [y.detach(), *_grads(y, leaves, dy)]
+
+    clean = run(A, B)
+    bad_A, bad_B = A.clone(), B.clone()
+    for slot in (2, 4):  # no row uses them
+        bad_A[slot], bad_B[slot] = poison, poison
+    dirty = run(bad_A, bad_B)
+    for name, c, d in (("y", clean[0], dirty[0]), ("dx", clean[1], dirty[1])):
+        assert torch.equal(c, d), f"{name}: rows changed by the contents of slots no row uses"
+    for name, c, d in (("dA", clean[2], dirty[2]), ("dB", clean[3], dirty[3])):
+        assert torch.equal(c[[0, 1, 3]], d[[0, 1, 3]]), f"{name}: a used slot's gradient changed"
+    # A poisoned slot that rows do use reaches its own rows only.
+    bad_B = B.clone()
+    bad_B[3] = poison
+    dirty = run(A, bad_B)
+    others = ids != 3
+    assert torch.equal(clean[0][others], dirty[0][others]), "y: slot 3's payload reached other rows"
