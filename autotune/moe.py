@@ -26,9 +26,9 @@ MOE_GATHER = register(KernelSpec(
     name="moe_gather", fn=_moe_gather_kernel, key=("D",), space=gather_space, default=default_gather,
     variants=(
         AotVariant("dispatch forward (plain gather)", pointers=_GATHER_PTRS,
-                   flags={"HAS_SCALE": False, "HAS_DOT": False}, plain=frozenset({"S"})),
+                   flags={"HAS_SCALE": False, "HAS_DOT": False}, plain=frozenset({"n", "S"})),
         AotVariant("combine backward (gates as scale, per-slot dot)", pointers=_GATHER_PTRS,
-                   flags={"HAS_SCALE": True, "HAS_DOT": True}, plain=frozenset({"S"})),
+                   flags={"HAS_SCALE": True, "HAS_DOT": True}, plain=frozenset({"n", "S"})),
     )))
 
 

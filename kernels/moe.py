@@ -2,6 +2,10 @@
 
 Letters: n tokens, D model dim, S = E·C slots (E experts × C capacity).
 Slot table: ``idx[s]`` is the token held by slot s, or -1 for an empty slot.
+A token index outside [0, n) is read as an empty slot, so no index value,
+however wrong, makes a kernel touch memory outside its tensors (the
+launchers reject such indices before any launch, except while a CUDA graph
+is being captured).
 
 Two kernels cover dispatch and combine, forward and backward:
 
@@ -26,7 +30,7 @@ def _moe_gather_kernel(
     other_ptr,  # [S, D]  second operand of the per-slot dot, read only when HAS_DOT
     out_ptr,  # [S, D]  gathered rows (zero rows for empty slots)
     dot_ptr,  # [S] fp32  per-slot dot products, written only when HAS_DOT
-    S, D,
+    n, S, D,
     stride_src, stride_other, stride_out,  # row strides; the D dim is contiguous
     HAS_SCALE: tl.constexpr, HAS_DOT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -38,7 +42,7 @@ def _moe_gather_kernel(
     offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
     tok = tl.load(idx_ptr + offs_s, mask=mask_s, other=-1)
-    valid = mask_s & (tok >= 0)
+    valid = mask_s & (tok >= 0) & (tok < n)
     # int64 row offsets: n·D and S·D overflow int32 at real sizes.
     src_rows = src_ptr + tl.where(valid, tok, 0).to(tl.int64)[:, None] * stride_src
     out_rows = out_ptr + offs_s.to(tl.int64)[:, None] * stride_out

@@ -29,14 +29,24 @@ def _next_adapter(sid, valid, after):
 
 
 @triton.jit
-def _sorted_rows(perm_ptr, sid_ptr, pid_m, M, BLOCK_M: tl.constexpr):
+def _sorted_rows(perm_ptr, sid_ptr, pid_m, M, SLOTS, BLOCK_M: tl.constexpr):
     """Row tile ``pid_m`` of the sorted order: (sorted positions, in-bounds
-    mask, original rows, slot of each row, rows that have an adapter)."""
+    mask, original rows, slot of each row, rows that have an adapter). A slot
+    id outside [0, SLOTS) counts as no adapter, so no id, however wrong, makes
+    a kernel read outside the pool (the launchers reject such ids before any
+    launch, except while a CUDA graph is being captured)."""
     offs_j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_j = offs_j < M
     rows = tl.load(perm_ptr + offs_j, mask=mask_j, other=0)
     sid = tl.load(sid_ptr + offs_j, mask=mask_j, other=-1)
-    return offs_j, mask_j, rows, sid, mask_j & (sid >= 0)
+    return offs_j, mask_j, rows, sid, mask_j & (sid >= 0) & (sid < SLOTS)
+
+
+@triton.jit
+def _rank(rank_ptr, i, a, SLOTS, R_MAX):
+    """Rank of slice i of slot a, clamped to [0, R_MAX]: a wrong rank never
+    reads past the slot's rows of the pool."""
+    return tl.minimum(tl.maximum(tl.load(rank_ptr + i * SLOTS + a), 0), R_MAX)
 
 
 @triton.jit
@@ -77,7 +87,7 @@ def _multi_lora_shrink_kernel(
     pid = tl.program_id(0)
     split_lo = tl.program_id(1) * K_PER_SPLIT
     t_ptr += tl.program_id(1).to(tl.int64) * stride_ts
-    offs_j, _, rows, sid, valid = _sorted_rows(perm_ptr, sid_ptr, pid, M, BLOCK_M)
+    offs_j, _, rows, sid, valid = _sorted_rows(perm_ptr, sid_ptr, pid, M, SLOTS, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
 
@@ -86,7 +96,7 @@ def _multi_lora_shrink_kernel(
     while a < _NO_ADAPTER:
         in_run = valid & (sid == a)
         for i in tl.static_range(NUM_SLICES):
-            r_a = tl.load(rank_ptr + i * SLOTS + a)
+            r_a = _rank(rank_ptr, i, a, SLOTS, R_MAX)
             if SLICED_REDUCTION:
                 k_lo = tl.maximum(tl.load(bounds_ptr + i), split_lo)
                 k_hi = tl.minimum(tl.load(bounds_ptr + i + 1), split_lo + K_PER_SPLIT)
@@ -164,7 +174,7 @@ def _multi_lora_matmul_kernel(
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # ---- sorted rows -> original rows (gathered loads, scattered store)
-    offs_j, mask_j, rows, sid, valid = _sorted_rows(perm_ptr, sid_ptr, pid_m, M, BLOCK_M)
+    offs_j, mask_j, rows, sid, valid = _sorted_rows(perm_ptr, sid_ptr, pid_m, M, SLOTS, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -185,10 +195,10 @@ def _multi_lora_matmul_kernel(
                 hi = tl.load(bounds_ptr + i + 1)
                 in_slice = (offs_n >= lo) & (offs_n < hi)
                 # A slice outside this tile's columns costs nothing: its rank loop is skipped.
-                r_a = tl.where(tl.max(in_slice.to(tl.int32), axis=0) > 0, tl.load(rank_ptr + i * SLOTS + a), 0)
+                r_a = tl.where(tl.max(in_slice.to(tl.int32), axis=0) > 0, _rank(rank_ptr, i, a, SLOTS, R_MAX), 0)
             else:
                 in_slice = offs_n < N
-                r_a = tl.load(rank_ptr + i * SLOTS + a)
+                r_a = _rank(rank_ptr, i, a, SLOTS, R_MAX)
             s_a = tl.load(scale_ptr + i * SLOTS + a)
             b_base = b_ptr + a.to(tl.int64) * stride_bs + i * stride_b_slice
             # The run's term goes to a tile of its own and joins acc on the
@@ -263,7 +273,7 @@ def _multi_lora_grad_kernel(
     o_base = o_ptr + a.to(tl.int64) * stride_os
 
     for i in tl.static_range(NUM_SLICES):
-        r_a = tl.load(rank_ptr + i * SLOTS + a)
+        r_a = _rank(rank_ptr, i, a, SLOTS, R_MAX)
         if SLICED_OUTPUT:
             in_cols = (offs_d >= tl.load(bounds_ptr + i)) & (offs_d < tl.load(bounds_ptr + i + 1))
         else:

@@ -3,6 +3,7 @@ the rank cap, and the base of the layers that wrap a frozen ``nn.Linear``."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -25,6 +26,46 @@ def check(cond: bool, name: str, msg: str) -> None:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+CHECKS_VAR = "POSTTRAIN_KERNELS_CHECKS"
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether the values of ``t`` (indices, ranks, rates) are checked before
+    any kernel runs. Always for CPU tensors. For device tensors the check
+    costs one device-to-host sync per op call: done by default, skipped while
+    a CUDA graph is being captured, while torch.compile traces (fake tensors)
+    and with ``POSTTRAIN_KERNELS_CHECKS=off``; then the kernels' own masking
+    keeps every access inside the tensors (an out-of-range index reads as
+    empty). docs/reliability.md has the whole policy."""
+    if t.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(t):
+        return False
+    if t.device.type == "cpu":
+        return True
+    if os.environ.get(CHECKS_VAR, "on").lower() in ("off", "0", "false", "no"):
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+def check_values(*specs) -> None:
+    """Raise ``ValueError`` naming the argument unless every value of each
+    tensor lies in its closed range and is not NaN. ``specs``: (tensor, low,
+    high, name, what) tuples; one host sync for all of them (on failure a
+    second one, for the message)."""
+    specs = [sp for sp in specs if sp[0] is not None and sp[0].numel() and values_checked(sp[0])]
+    if not specs:
+        return
+    flags = torch.stack([((t < lo) | (t > hi) | (t != t)).any() for t, lo, hi, _, _ in specs]).tolist()
+    for bad, (t, lo, hi, name, what) in zip(flags, specs):
+        if bad:
+            found = "NaN" if bool(torch.isnan(t).any()) else f"values in [{t.min().item()}, {t.max().item()}]"
+            raise ValueError(f"{name}: {what} must be in [{lo}, {hi}], got {found}")
 
 
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:

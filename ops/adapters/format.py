@@ -6,7 +6,9 @@ model functions (``model.py``) and the adapter pool (``pool.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 from typing import Iterable, Optional, Union
@@ -78,6 +80,84 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, dict[st
         if set(pair) != {"A", "B"}:
             raise ValueError(f"path: {w_path} misses lora_{'B' if 'A' in pair else 'A'} of {name}")
     return config, layers
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterEntry:
+    """One module's adapter, checked: ``A [r, in]``, ``B [out, r]`` and its scale."""
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    r: int
+    alpha: float
+    scale: float
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_config(config: dict) -> float:
+    """The config fields a load reads, checked (``ValueError`` naming ``path``);
+    returns its ``lora_dropout`` as a float."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"path: {field} must be an object, got {pattern!r}")
+        for key, value in pattern.items():
+            ok = _number(value) and (value >= 1 and value == int(value) if field == "rank_pattern" else True)
+            if not ok:
+                raise ValueError(f"path: {field}[{key!r}] must be a {'positive int' if field == 'rank_pattern' else 'number'}"
+                                 f", got {value!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    if not (_number(dropout) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"path: lora_dropout must be a rate in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def validate_adapter(config: dict, tensors: dict, shapes: dict, missing: str, max_rank: int) -> list[AdapterEntry]:
+    """Check an adapter (``read_adapter``'s config and tensors) against the
+    linear layers it is to go into, before anything changes: the one
+    validator of ``load_adapter`` and ``AdapterPool.load``.
+
+    ``shapes``: module name -> (in_features, out_features) of every layer the
+    adapter may target; ``missing``: how to say that a name is not among them.
+    Checks: every tensor's module is a layer, floating tensors of the layer's
+    shapes, rank in [1, max_rank] and equal to the config's ``r`` (or its
+    ``rank_pattern`` entry), numeric patterns and dropout, and every layer the
+    config's ``target_modules`` name holds weights in the file. Raises
+    ``ValueError`` naming ``path``; returns the entries in file order."""
+    check_config(config)
+    entries = []
+    for name, pair in tensors.items():
+        if name not in shapes:
+            raise ValueError(f"path: the adapter targets {name}, {missing}")
+        in_f, out_f = shapes[name]
+        A, B = pair["A"], pair["B"]
+        for which, t in (("lora_A", A), ("lora_B", B)):
+            if not t.is_floating_point():
+                raise ValueError(f"path: {name}: {which} holds {t.dtype}, not floating-point weights")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or tuple(B.shape) != (out_f, A.shape[0]):
+            raise ValueError(f"path: {name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
+                             f"[{out_f}, {in_f}] linear")
+        r = A.shape[0]
+        if not 1 <= r <= max_rank:
+            raise ValueError(f"path: {name}: rank {r} is outside [1, max_rank={max_rank}]")
+        want = pattern_value(config, "rank_pattern", name, config["r"])
+        if r != want:
+            raise ValueError(f"path: {name}: rank {r} differs from the config's r={want}")
+        alpha, scale = scaling_of(config, name, r)
+        entries.append(AdapterEntry(name, A, B, r, alpha, scale))
+    targets = config.get("target_modules")
+    restricted = any(config.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules"))
+    if targets and targets != "all-linear" and not restricted:
+        lacking = sorted(n for n in shapes if matches_target(n, targets) and n not in tensors)
+        if lacking:
+            raise ValueError(f"path: the config's target_modules cover {lacking[0]}"
+                             f"{f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else ''}, but the file holds "
+                             f"no weights for it")
+    return entries
 
 
 def write_adapter(path: Union[str, os.PathLike], tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],

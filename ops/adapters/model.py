@@ -17,9 +17,9 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..common import lora_scale
+from ..common import MAX_RANK, lora_scale
 from ..lora.layer import LoRALinear
-from .format import matches_target, pattern_value, read_adapter, scaling_of, write_adapter
+from .format import check_config, matches_target, read_adapter, validate_adapter, write_adapter
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -79,40 +79,33 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     wrapped first. Every name, shape and rank is checked before the model is
     touched. Returns the module names loaded."""
     config, layers = read_adapter(path)
-    plan = []
-    for name, pair in layers.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"path: the adapter targets {name}, which the model lacks") from None
-        if not isinstance(module, (nn.Linear, LoRALinear)):
-            raise ValueError(f"path: {name} is a {type(module).__name__}, not a Linear")
-        out_f, in_f = (module.out_features, module.in_features)
-        A, B = pair["A"], pair["B"]
-        r = pattern_value(config, "rank_pattern", name, config["r"])
-        if A.dim() != 2 or B.dim() != 2 or A.shape != (A.shape[0], in_f) or B.shape != (out_f, A.shape[0]):
-            raise ValueError(f"path: {name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
-                             f"[{out_f}, {in_f}] linear")
-        if A.shape[0] != r:
-            raise ValueError(f"path: {name}: rank {A.shape[0]} differs from the config's r={r}")
-        plan.append((name, module, A, B, r))
-    for name, module, A, B, r in plan:  # all checks passed: now change the model
-        alpha, _ = scaling_of(config, name, r)
-        if isinstance(module, LoRALinear) and module.r == r:
+    shapes = {}
+    for name, m in model.named_modules():
+        parent = name.rpartition(".")[0]
+        if isinstance(m, (nn.Linear, LoRALinear)) and not isinstance(_get(model, parent), LoRALinear):
+            shapes[name] = (m.in_features, m.out_features)
+    entries = validate_adapter(config, layers, shapes, "which the model lacks (or which is not a Linear)", MAX_RANK)
+    use_rslora, dropout = bool(config.get("use_rslora")), check_config(config)
+    for e in entries:  # all checks passed: now change the model
+        module = model.get_submodule(e.name)
+        if isinstance(module, LoRALinear) and module.r == e.r:
             layer = module
-            layer.lora_alpha, layer.use_rslora = alpha, bool(config.get("use_rslora"))
-            layer.scaling = lora_scale(alpha, r, layer.use_rslora)
-            layer.lora_dropout = float(config.get("lora_dropout", 0.0))
+            layer.lora_alpha, layer.use_rslora = e.alpha, use_rslora
+            layer.scaling = lora_scale(e.alpha, e.r, use_rslora)
+            layer.lora_dropout = dropout
         else:
             linear = module if isinstance(module, nn.Linear) else _unwrap(module)
-            layer = LoRALinear.from_linear(linear, r=r, lora_alpha=alpha,
-                                           lora_dropout=float(config.get("lora_dropout", 0.0)),
-                                           use_rslora=bool(config.get("use_rslora")))
-            set_submodule(model, name, layer)
+            layer = LoRALinear.from_linear(linear, r=e.r, lora_alpha=e.alpha, lora_dropout=dropout,
+                                           use_rslora=use_rslora)
+            set_submodule(model, e.name, layer)
         with torch.no_grad():
-            layer.lora_A.weight.copy_(A)
-            layer.lora_B.weight.copy_(B)
-    return [p[0] for p in plan]
+            layer.lora_A.weight.copy_(e.A)
+            layer.lora_B.weight.copy_(e.B)
+    return [e.name for e in entries]
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
 
 
 def _unwrap(layer: LoRALinear) -> nn.Linear:

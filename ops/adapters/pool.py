@@ -17,10 +17,10 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..common import check, lora_alpha_of, lora_scale
+from ..common import check, check_values, lora_alpha_of, lora_scale
 from ..lora.layer import check_init, init_lora_
 from ..multi_lora.layer import MultiLoRALinear
-from .format import matches_target, read_adapter, scaling_of, write_adapter
+from .format import check_config, matches_target, read_adapter, validate_adapter, write_adapter
 from .model import set_submodule
 
 
@@ -75,24 +75,12 @@ class AdapterPool:
         if name in self.slots:
             raise ValueError(f"name: adapter {name!r} is already loaded in slot {self.slots[name]}")
         config, tensors = read_adapter(path)
-        dropout = config.get("lora_dropout") or 0.0
-        _check_rate(dropout, "path: lora_dropout")
-        plan = []
-        for module, pair in tensors.items():
-            if module not in self.layers:
-                raise ValueError(f"path: the adapter targets {module}, which is not a layer of this pool "
-                                 f"(pool layers: {len(self.layers)}, e.g. {next(iter(self.layers))})")
-            layer = self.layers[module]
-            A, B = pair["A"], pair["B"]
-            r = A.shape[0]
-            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != layer.in_features or tuple(B.shape) != (
-                    layer.out_features, r):
-                raise ValueError(f"path: {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
-                                 f"[{layer.out_features}, {layer.in_features}] linear")
-            if r > self.max_rank:
-                raise ValueError(f"path: {module}: rank {r} exceeds the pool's max_rank={self.max_rank}")
-            _, scale = scaling_of(config, module, r)
-            plan.append((layer, A, B, scale))
+        shapes = {n: (layer.in_features, layer.out_features) for n, layer in self.layers.items()}
+        missing = (f"which is not a layer of this pool (pool layers: {len(self.layers)}, e.g. "
+                   f"{next(iter(self.layers))})")
+        entries = validate_adapter(config, tensors, shapes, missing, self.max_rank)
+        dropout = check_config(config)
+        plan = [(self.layers[e.name], e.A, e.B, e.scale) for e in entries]
         slot = self._free_slot(evict)
         for layer in self.layers.values():  # layers the adapter does not cover get an empty slot
             layer.clear_slot(slot)
@@ -147,7 +135,13 @@ class AdapterPool:
         zero gradients; an optimizer with decoupled weight decay (AdamW)
         would still shrink them, so train with ``weight_decay=0`` or with only
         the adapters being trained loaded. Rank padding gets zero gradients
-        and stays zero. Reset the optimizer's state when slots change hands."""
+        and stays zero. Reset the optimizer's state when slots change hands.
+
+        Every other parameter of the model is frozen, as PEFT does, so that
+        DDP / FSDP train (and all-reduce) the adapters alone; the stacks are
+        ``nn.Parameter`` s, which DDP all-reduces and FSDP shards."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
         out = []
         for layer in self.layers.values():
             layer.lora_A.requires_grad_(True)
@@ -199,9 +193,11 @@ class AdapterPool:
 
     def ids(self, names: Sequence[Optional[str]], device=None) -> torch.Tensor:
         """Slot ids for a list of adapter names (``None``: the base model)."""
+        check(isinstance(names, (list, tuple)) and len(names) >= 1, "adapters",
+              f"expected a non-empty list of adapter names (None = base model), got {names!r:.80}")
         for n in names:
             if n is not None:
-                self.slot(n)
+                check(n in self.slots, "adapters", f"adapter {n!r} is not loaded (loaded: {self.names})")
                 self._touch(n)
         device = device or next(iter(self.layers.values())).weight.device
         return torch.tensor([-1 if n is None else self.slots[n] for n in names], dtype=torch.int64, device=device)
@@ -210,12 +206,27 @@ class AdapterPool:
     def batch(self, adapters: Union[Sequence[Optional[str]], torch.Tensor]):
         """Select adapters for the forwards inside the block: a list of names,
         one per batch row (``None``: base model), or a tensor of slot ids, one
-        per token (packed / ragged batches; -1: base model)."""
-        ids = adapters if isinstance(adapters, torch.Tensor) else self.ids(adapters)
+        per token (packed / ragged batches; -1: base model).
+
+        Names must match the batch: one per row, or, inside ``generate``
+        with ``num_beams`` or ``num_return_sequences`` > 1 (which repeat each
+        row k times), each name stands for its row's k copies, as PEFT's
+        ``generate(adapter_names=...)`` does. Anything else raises
+        ``ValueError`` naming ``adapters`` at the forward."""
+        per_row = not isinstance(adapters, torch.Tensor)
+        if per_row:
+            ids = self.ids(adapters)
+        else:
+            ids = adapters
+            integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+            check(integer and ids.dim() >= 1, "adapters", f"expected integer slot ids, got {ids.dtype} "
+                  f"{tuple(ids.shape)}")
+            check_values((ids, -1, self.max_adapters - 1, "adapters",
+                          f"slot ids (-1 = base model; {self.max_adapters} slots)"))
         for layer in self.layers.values():
-            layer.adapter_ids = ids
+            layer.adapter_ids, layer.ids_per_row = ids, per_row
         try:
             yield ids
         finally:
             for layer in self.layers.values():
-                layer.adapter_ids = None
+                layer.adapter_ids, layer.ids_per_row = None, False

@@ -62,7 +62,7 @@ def lora_matmul(x: Tensor, w: Tensor, t: Tensor, u: Tensor, bias: Optional[Tenso
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     LORA_MATMUL.fn[grid](
         x_ptr=x, w_ptr=w, t_ptr=t, u_ptr=u,
-        bias_ptr=bias if bias is not None else y, y_ptr=y,
+        bias_ptr=bias.contiguous() if bias is not None else y, y_ptr=y,  # the kernel reads bias at unit stride
         seed_ptr=seed if has_dropout else y,
         M=M, N=N, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1),

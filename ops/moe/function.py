@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backend import call_op, check_backend
+from ..common import check, check_values
 from .op import (combine_bwd_impl, dispatch_impl, moe_combine_bwd_op, moe_dispatch_op, moe_segment_sum_op,
                  segment_sum_impl)
 
@@ -54,22 +55,22 @@ class MoECombineFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- functional
-def _check_table(token_idx: Tensor, name: str = "token_idx") -> None:
-    if not isinstance(token_idx, Tensor) or token_idx.dim() != 2:
-        raise ValueError(f"{name}: expected an [experts, capacity] tensor, got "
-                         f"{getattr(token_idx, 'shape', type(token_idx).__name__)}")
-    if token_idx.dtype != torch.int64:
-        raise ValueError(f"{name}: dtype must be int64, got {token_idx.dtype}")
+def _check_table(token_idx: Tensor, num_tokens: int) -> None:
+    """A slot table: int64 [E, C], every entry -1 (empty) or a token in
+    [0, num_tokens). Values as ``ops.common.check_values`` says."""
+    check(isinstance(token_idx, Tensor) and token_idx.dim() == 2, "token_idx",
+          f"expected an [experts, capacity] tensor, got {getattr(token_idx, 'shape', type(token_idx).__name__)}")
+    check(token_idx.dtype == torch.int64, "token_idx", f"dtype must be int64, got {token_idx.dtype}")
+    check_values((token_idx, -1, num_tokens - 1, "token_idx", f"token indices (-1 = empty slot; {num_tokens} tokens)"))
 
 
 def moe_dispatch(x: Tensor, token_idx: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """Gather tokens into expert slots: ``x [n, d]`` → ``[E, C, d]``; empty
     slots (``token_idx == -1``) give zero rows. Differentiable in x."""
-    _check_table(token_idx)
-    if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x: expected a floating [tokens, d] tensor, got {getattr(x, 'shape', type(x))}")
-    if token_idx.device != x.device:
-        raise ValueError(f"token_idx: must be on x's device {x.device}, got {token_idx.device}")
+    check(isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point(), "x",
+          f"expected a floating [tokens, d] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    _check_table(token_idx, x.shape[0])
+    check(token_idx.device == x.device, "token_idx", f"must be on x's device {x.device}, got {token_idx.device}")
     return MoEDispatchFunction.apply(x, token_idx, check_backend(backend))
 
 
@@ -79,17 +80,18 @@ def moe_combine(expert_out: Tensor, token_idx: Tensor, gates: Tensor, num_tokens
     over the (0 to E) slots holding t, summed in fp32 in a fixed order
     (bitwise deterministic); tokens no slot holds get 0. Differentiable in
     expert_out and gates."""
-    _check_table(token_idx)
-    if not isinstance(expert_out, Tensor) or expert_out.dim() != 3 or tuple(expert_out.shape[:2]) != tuple(
-            token_idx.shape):
-        raise ValueError(f"expert_out: expected [E, C, d] with [E, C] = {tuple(token_idx.shape)}, got "
-                         f"{getattr(expert_out, 'shape', type(expert_out))}")
-    if not isinstance(gates, Tensor) or tuple(gates.shape) != tuple(token_idx.shape) or not gates.is_floating_point():
-        raise ValueError(f"gates: expected a floating tensor of shape {tuple(token_idx.shape)}, got "
-                         f"{getattr(gates, 'shape', type(gates))}")
-    if not isinstance(num_tokens, int) or num_tokens < 0:
-        raise ValueError(f"num_tokens: expected a non-negative int, got {num_tokens!r}")
+    check(isinstance(num_tokens, int) and not isinstance(num_tokens, bool) and num_tokens >= 0, "num_tokens",
+          f"expected a non-negative int, got {num_tokens!r}")
+    check(isinstance(token_idx, Tensor) and token_idx.dim() == 2, "token_idx",
+          f"expected an [experts, capacity] tensor, got {getattr(token_idx, 'shape', type(token_idx).__name__)}")
+    check(isinstance(expert_out, Tensor) and expert_out.dim() == 3 and expert_out.is_floating_point()
+          and tuple(expert_out.shape[:2]) == tuple(token_idx.shape), "expert_out",
+          f"expected a floating [E, C, d] tensor with [E, C] = {tuple(token_idx.shape)}, got "
+          f"{getattr(expert_out, 'shape', type(expert_out).__name__)}")
+    check(isinstance(gates, Tensor) and tuple(gates.shape) == tuple(token_idx.shape) and gates.is_floating_point(),
+          "gates", f"expected a floating tensor of shape {tuple(token_idx.shape)}, got "
+          f"{getattr(gates, 'shape', type(gates).__name__)}")
     for name, v in (("token_idx", token_idx), ("gates", gates)):
-        if v.device != expert_out.device:
-            raise ValueError(f"{name}: must be on expert_out's device {expert_out.device}, got {v.device}")
+        check(v.device == expert_out.device, name, f"must be on expert_out's device {expert_out.device}, got {v.device}")
+    _check_table(token_idx, num_tokens)
     return MoECombineFunction.apply(expert_out, token_idx, gates, num_tokens, check_backend(backend))

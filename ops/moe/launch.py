@@ -42,7 +42,8 @@ def moe_gather(src: Tensor, idx: Tensor, scale: Optional[Tensor] = None, other: 
     MOE_GATHER.fn[(cdiv(S, cfg["BLOCK_S"]),)](
         src_ptr=src, idx_ptr=idx, scale_ptr=scale if scale is not None else out,
         other_ptr=other if other is not None else out, out_ptr=out, dot_ptr=dot if dot is not None else out,
-        S=S, D=D, stride_src=src.stride(0), stride_other=other.stride(0) if other is not None else 0,
+        n=src.shape[0], S=S, D=D, stride_src=src.stride(0),
+        stride_other=other.stride(0) if other is not None else 0,
         stride_out=out.stride(0), HAS_SCALE=scale is not None, HAS_DOT=other is not None,
         **MOE_GATHER.launch_kwargs(cfg))
     return out, dot
@@ -72,12 +73,16 @@ def _rows(t: Tensor) -> Tensor:
 def moe_dispatch_triton(x: Tensor, token_idx: Tensor) -> Tensor:
     """[E, C, d]: x[token_idx], zero rows for empty slots."""
     E, C = token_idx.shape
+    if x.shape[-1] == 0:
+        return x.new_zeros((E, C, 0))
     out, _ = moe_gather(_rows(x), token_idx.reshape(-1))
     return out.reshape(E, C, x.shape[-1])
 
 
 def moe_segment_sum_triton(src: Tensor, token_idx: Tensor, gates: Optional[Tensor], num_tokens: int) -> Tensor:
     """[n, d]: Σ over each token's slots of gate·src (gates None = 1); src [E, C, d]."""
+    if src.shape[-1] == 0:
+        return src.new_zeros((num_tokens, 0))
     order, offsets = inverse_index(token_idx, num_tokens)
     return moe_segment_sum(_rows(src), order, offsets, None if gates is None else gates.reshape(-1), num_tokens)
 
@@ -85,6 +90,8 @@ def moe_segment_sum_triton(src: Tensor, token_idx: Tensor, gates: Optional[Tenso
 def moe_combine_bwd_triton(dy: Tensor, expert_out: Tensor, token_idx: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
     """(d expert_out [E, C, d], d gates [E, C] fp32) in one gather pass."""
     E, C, d = expert_out.shape
+    if d == 0:
+        return expert_out.new_zeros(expert_out.shape), gates.new_zeros(gates.shape, dtype=torch.float32)
     dout, dgates = moe_gather(_rows(dy), token_idx.reshape(-1), gates.reshape(-1).float(), _rows(expert_out),
                               out_dtype=expert_out.dtype)
     return dout.reshape(E, C, d), dgates.reshape(E, C)

@@ -8,11 +8,18 @@ from typing import Optional
 import torch
 
 
+def _valid(token_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Slots holding a token: -1 is empty and, as in the kernels, so is any
+    index outside [0, num_tokens)."""
+    return (token_idx >= 0) & (token_idx < num_tokens)
+
+
 def moe_dispatch_ref(x: torch.Tensor, token_idx: torch.Tensor) -> torch.Tensor:
-    """[E, C, d]: x[token_idx], zero rows where token_idx is -1."""
-    valid = token_idx >= 0
-    out = x[token_idx.clamp_min(0)]
-    return torch.where(valid[..., None], out, torch.zeros((), dtype=x.dtype, device=x.device))
+    """[E, C, d]: x[token_idx], zero rows for empty slots."""
+    valid = _valid(token_idx, x.shape[0])
+    out = x.new_zeros((*token_idx.shape, x.shape[-1]))
+    out[valid] = x[token_idx[valid]]
+    return out
 
 
 def moe_combine_ref(expert_out: torch.Tensor, token_idx: torch.Tensor, gates: torch.Tensor,
@@ -20,7 +27,7 @@ def moe_combine_ref(expert_out: torch.Tensor, token_idx: torch.Tensor, gates: to
     """[n, d]: y[t] = Σ gate·expert_out over the slots holding t, in fp32."""
     E, C, d = expert_out.shape
     acc = torch.promote_types(expert_out.dtype, torch.float32)  # fp32, or fp64 for an fp64 reference
-    valid = (token_idx >= 0).reshape(-1)
+    valid = _valid(token_idx, num_tokens).reshape(-1)
     w = gates.to(acc).reshape(-1, 1) * expert_out.to(acc).reshape(-1, d)
     y = torch.zeros(num_tokens, d, dtype=acc, device=expert_out.device)
     y.index_add_(0, token_idx.reshape(-1)[valid], w[valid])

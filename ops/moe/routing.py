@@ -31,11 +31,14 @@ def capacity_from_factor(num_tokens: int, num_experts: int, capacity_factor: flo
 
 
 def _grouped(logits: Tensor, group_size: Optional[int]) -> Tensor:
-    n, E = logits.shape
-    g = n if group_size is None else group_size
-    if g < 1 or n % g:
-        raise ValueError(f"group_size: must divide the token count {n}, got {group_size}")
-    return logits.reshape(n // g, g, E)
+    """[groups, group size, ...]; without ``group_size`` one group of all n
+    tokens (also when n = 0: one empty group, whose slots are all empty)."""
+    n = logits.shape[0]
+    if group_size is None:
+        return logits.reshape(1, n, *logits.shape[1:])
+    if not isinstance(group_size, int) or group_size < 1 or n % group_size:
+        raise ValueError(f"group_size: must be a positive int dividing the token count {n}, got {group_size!r}")
+    return logits.reshape(n // group_size, group_size, *logits.shape[1:])
 
 
 def _check_logits(router_logits: Tensor, capacity: int) -> None:

@@ -8,13 +8,14 @@ Validation lives here, above the backend choice.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..backend import call_op, check_backend
-from ..common import check
+from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values
 from .op import multi_lora_bwd, multi_lora_bwd_impl, multi_lora_fwd, multi_lora_fwd_impl
 
 
@@ -51,6 +52,69 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- functional
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+def check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids, bias, slices, dropout_p):
+    """Raise ``ValueError`` naming the bad argument, before any kernel runs
+    and whatever the backend; returns (slices as a list or None, slots,
+    number of slices). Shapes, dtypes and devices always; the values of the
+    index tensors (ids, ranks, scales, rates) as ``ops.common.check_values``
+    says (always on CPU; on a GPU one host sync, skipped while capturing a
+    CUDA graph or tracing)."""
+    for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check(isinstance(v, Tensor), name, f"expected a Tensor, got {type(v).__name__}")
+        check(v.dtype in FLOAT_DTYPES, name, f"dtype must be float16, bfloat16 or float32, got {v.dtype}")
+    for name, v in (("ranks", ranks), ("scales", scales), ("adapter_ids", adapter_ids)):
+        check(isinstance(v, Tensor), name, f"expected a Tensor, got {type(v).__name__}")
+    check(x.dim() >= 1, "x", "must have at least one dimension [..., in_features]")
+    check(weight.dim() == 2 and min(weight.shape) >= 1, "weight",
+          f"expected [out_features, in_features], both >= 1, got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
+    check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
+    n_sl = 1
+    if slices is not None:
+        check(isinstance(slices, (list, tuple)) and all(isinstance(w, numbers.Integral) for w in slices), "slices",
+              f"expected a list of ints, got {slices!r}")
+        slices = [int(w) for w in slices]
+        n_sl = len(slices)
+        check(n_sl >= 1 and all(w > 0 for w in slices) and sum(slices) == N, "slices",
+              f"expected positive widths summing to out_features={N}, got {slices}")
+    check(lora_b.dim() == 3 and lora_b.shape[1] == N and lora_b.shape[0] >= 1 and lora_b.shape[2] >= 1, "lora_b",
+          f"expected [slots >= 1, {N}, max_rank >= 1], got shape {tuple(lora_b.shape)}")
+    S, R = lora_b.shape[0], lora_b.shape[2]
+    check(R <= MAX_RANK, "lora_b", f"max_rank = lora_b.shape[2] must be at most {MAX_RANK}, got {R}")
+    check(tuple(lora_a.shape) == (S, n_sl * R, K), "lora_a",
+          f"expected {(S, n_sl * R, K)}, got shape {tuple(lora_a.shape)}")
+    rs_shape = (S,) if slices is None else (n_sl, S)
+    check(tuple(ranks.shape) == rs_shape and ranks.dtype == torch.int32, "ranks",
+          f"expected int32 {list(rs_shape)}, got {ranks.dtype} {tuple(ranks.shape)}")
+    check(tuple(scales.shape) == rs_shape and scales.dtype == torch.float32, "scales",
+          f"expected float32 {list(rs_shape)}, got {scales.dtype} {tuple(scales.shape)}")
+    M = x.numel() // K
+    integer = not (adapter_ids.is_floating_point() or adapter_ids.is_complex() or adapter_ids.dtype == torch.bool)
+    check(adapter_ids.numel() == M and integer, "adapter_ids",
+          f"expected {M} integer ids (one per token), got {adapter_ids.dtype} {tuple(adapter_ids.shape)}")
+    if bias is not None:
+        check(isinstance(bias, Tensor) and bias.dtype in FLOAT_DTYPES, "bias",
+              f"expected a floating Tensor or None, got {getattr(bias, 'dtype', type(bias).__name__)}")
+        check(tuple(bias.shape) == (N,), "bias", f"expected [{N}], got shape {tuple(bias.shape)}")
+    for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("ranks", ranks),
+                    ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
+        if v is not None:
+            check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
+    if dropout_p is not None:
+        check(isinstance(dropout_p, Tensor) and tuple(dropout_p.shape) == (S,) and dropout_p.dtype == torch.float32
+              and dropout_p.device == x.device, "dropout_p",
+              f"expected a float32 [{S}] tensor on {x.device} (one rate per slot), got {dropout_p!r:.80}")
+    check_values((adapter_ids, -1, S - 1, "adapter_ids", f"slot ids (-1 = no adapter; {S} slots)"),
+                 (ranks, 0, R, "ranks", f"ranks (max_rank = lora_b.shape[2] = {R})"),
+                 (scales, -_FLT_MAX, _FLT_MAX, "scales", "scales (finite)"),
+                 (dropout_p, 0.0, 1.0, "dropout_p", "dropout rates"))
+    return slices, S, n_sl
+
+
 def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
                       adapter_ids: Tensor, bias: Optional[Tensor] = None, slices: Optional[list[int]] = None,
                       dropout_p: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
@@ -77,42 +141,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     of column n), ``ranks`` / ``scales`` ``[len(slices), SLOTS]``. One launch
     for all slices.
     """
-    for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        check(isinstance(v, Tensor) and v.is_floating_point(), name, "expected a floating-point tensor")
-    check(weight.dim() == 2, "weight", f"expected [out, in], got shape {tuple(weight.shape)}")
+    slices, S, n_sl = check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids, bias, slices,
+                                            dropout_p)
     N, K = weight.shape
-    check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
-    check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
-    n_sl = 1
-    if slices is not None:
-        slices = [int(w) for w in slices]
-        n_sl = len(slices)
-        check(n_sl >= 1 and all(w > 0 for w in slices) and sum(slices) == N, "slices",
-               f"expected positive widths summing to out_features={N}, got {slices}")
-    check(lora_b.dim() == 3 and lora_b.shape[1] == N, "lora_b",
-           f"expected [slots, {N}, max_rank], got shape {tuple(lora_b.shape)}")
-    S, R = lora_b.shape[0], lora_b.shape[2]
-    check(tuple(lora_a.shape) == (S, n_sl * R, K), "lora_a",
-           f"expected {(S, n_sl * R, K)}, got shape {tuple(lora_a.shape)}")
-    rs_shape = (S,) if slices is None else (n_sl, S)
-    check(tuple(ranks.shape) == rs_shape and ranks.dtype == torch.int32, "ranks",
-           f"expected int32 {list(rs_shape)}, got {ranks.dtype} {tuple(ranks.shape)}")
-    check(tuple(scales.shape) == rs_shape and scales.dtype == torch.float32, "scales",
-           f"expected float32 {list(rs_shape)}, got {scales.dtype} {tuple(scales.shape)}")
-    M = x.numel() // K
-    check(adapter_ids.numel() == M and not adapter_ids.is_floating_point(), "adapter_ids",
-           f"expected {M} integer ids (one per token), got {adapter_ids.dtype} {tuple(adapter_ids.shape)}")
-    if bias is not None:
-        check(tuple(bias.shape) == (N,), "bias", f"expected [{N}], got shape {tuple(bias.shape)}")
-    for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("ranks", ranks),
-                    ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
-        if v is not None:
-            check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
     seeds = None
     if dropout_p is not None:
-        check(isinstance(dropout_p, Tensor) and tuple(dropout_p.shape) == (S,) and dropout_p.dtype == torch.float32
-              and dropout_p.device == x.device, "dropout_p",
-              f"expected a float32 [{S}] tensor on {x.device} (one rate per slot), got {dropout_p!r:.80}")
         # device tensors, not Python ints: no host sync, graph capturable
         seeds = torch.randint(0, 2**31 - 1, (n_sl,), device=x.device, dtype=torch.int32)
     y = MultiLoRALinearFunction.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, ranks, scales,

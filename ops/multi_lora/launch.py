@@ -178,7 +178,8 @@ def matmul(x: Tensor, w: Tensor, bias: Optional[Tensor], rows: RowOrder, t: Tens
     cfg = select_config(MULTI_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device), N=N, K=K, M=M)
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     MULTI_LORA_MATMUL.fn[grid](
-        x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else y, perm_ptr=rows.perm, sid_ptr=rows.sid,
+        x_ptr=x, w_ptr=w, bias_ptr=bias.contiguous() if bias is not None else y,  # read at unit stride
+        perm_ptr=rows.perm, sid_ptr=rows.sid,
         t_ptr=t, b_ptr=b.data, rank_ptr=stack.ranks, scale_ptr=stack.scales, bounds_ptr=stack.bounds, y_ptr=y,
         M=M, N=N, K=K, R_MAX=stack.max_rank, SLOTS=stack.slots,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),

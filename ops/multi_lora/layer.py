@@ -3,25 +3,29 @@ LoRA adapters held in slots. It calls the functional API only; no Triton here.
 ``AdapterPool`` (``ops/adapters/pool.py``) fills its slots from PEFT files."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper
+from ..common import MAX_RANK, FrozenLinearWrapper, check
 from .function import multi_lora_linear
 
 
 class MultiLoRALinear(FrozenLinearWrapper):
     """An ``nn.Linear`` whose rows can each use one of ``max_adapters`` LoRA
     adapters (slots), in one forward. Gradients flow to x, and to the slot
-    buffers when they are made to require grad (training several adapters in
+    stacks when they are made to require grad (training several adapters in
     one mixed batch); the base weight and bias stay frozen.
 
-    Buffers: ``lora_A [slots, max_rank, in]``, ``lora_B [slots, out, max_rank]``
-    (the base weight's dtype), ``ranks [slots]`` (int32, 0 = empty) and
-    ``scales [slots]``. ``adapter_ids`` (set by ``AdapterPool.batch``) picks the
-    slot of every token, or of every batch row; ``None`` runs the base layer.
+    Parameters (frozen by default): ``lora_A [slots, max_rank, in]`` and
+    ``lora_B [slots, out, max_rank]`` (the base weight's dtype); buffers
+    ``ranks [slots]`` (int32, 0 = empty), ``scales [slots]`` and
+    ``lora_dropout [slots]``. ``adapter_ids`` (set by ``AdapterPool.batch``)
+    picks the slot of every token, or of every batch row (``ids_per_row``);
+    ``None`` runs the base layer. Under autocast the layer computes in the
+    autocast dtype and returns it, as ``nn.Linear`` does.
 
     ``slices``: output widths of a fused projection (q/k/v in one Linear, e.g.
     ``[4096, 1024, 1024]``), each slice with its own adapter per slot:
@@ -53,14 +57,18 @@ class MultiLoRALinear(FrozenLinearWrapper):
         kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
         self.max_rank = max_rank
         rs = (max_adapters,) if slices is None else (n_sl, max_adapters)
-        self.register_buffer("lora_A", torch.zeros(max_adapters, n_sl * max_rank, self.in_features, **kw))
-        self.register_buffer("lora_B", torch.zeros(max_adapters, self.out_features, max_rank, **kw))
+        # The slot stacks are Parameters (frozen until ``AdapterPool.trainable_parameters``), so that
+        # DDP all-reduces their gradients and FSDP shards them like any trainable weight.
+        self.lora_A = nn.Parameter(torch.zeros(max_adapters, n_sl * max_rank, self.in_features, **kw),
+                                   requires_grad=False)
+        self.lora_B = nn.Parameter(torch.zeros(max_adapters, self.out_features, max_rank, **kw), requires_grad=False)
         self.register_buffer("ranks", torch.zeros(rs, dtype=torch.int32, device=kw["device"]))
         self.register_buffer("scales", torch.zeros(rs, dtype=torch.float32, device=kw["device"]))
         # LoRA dropout per slot, applied in training mode (host copy: decides whether to pass it, no sync)
         self.register_buffer("lora_dropout", torch.zeros(max_adapters, dtype=torch.float32, device=kw["device"]))
         self._dropout: dict[int, float] = {}
         self.adapter_ids: Optional[torch.Tensor] = None
+        self.ids_per_row = False  # adapter_ids holds one id per batch row (AdapterPool.batch with names)
 
     @torch.no_grad()
     def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -68,11 +76,28 @@ class MultiLoRALinear(FrozenLinearWrapper):
         """Write one adapter (``lora_a [r, in]``, ``lora_b [out or slice width, r]``)
         into ``slot`` (of slice ``slice_index`` for a fused projection), with
         its LoRA dropout rate (the slot's, shared by its slices)."""
+        # Every check first: a failure leaves the slot as it was.
+        slots = self.lora_A.shape[0]
+        check(isinstance(slot, int) and 0 <= slot < slots, "slot", f"expected an int in [0, {slots}), got {slot!r}")
+        if self.slices is None:
+            check(slice_index is None, "slice_index", "only for a layer with slices")
+            width = self.out_features
+        else:
+            check(isinstance(slice_index, int) and 0 <= slice_index < len(self.slices), "slice_index",
+                  f"expected an int in [0, {len(self.slices)}) for a layer with slices {self.slices}, "
+                  f"got {slice_index!r}")
+            width = self.slices[slice_index]
+        for name, v in (("lora_a", lora_a), ("lora_b", lora_b)):
+            check(isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point(), name,
+                  f"expected a floating 2-D tensor, got {getattr(v, 'dtype', type(v).__name__)} "
+                  f"{tuple(getattr(v, 'shape', ()))}")
         r = lora_a.shape[0]
-        if r > self.max_rank:
-            raise ValueError(f"lora_a: rank {r} exceeds max_rank={self.max_rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a rate in [0, 1), got {dropout!r}")
+        check(1 <= r <= self.max_rank and lora_a.shape[1] == self.in_features, "lora_a",
+              f"expected [r, {self.in_features}] with 1 <= r <= max_rank={self.max_rank}, got {tuple(lora_a.shape)}")
+        check(tuple(lora_b.shape) == (width, r), "lora_b", f"expected [{width}, {r}], got {tuple(lora_b.shape)}")
+        check(isinstance(scale, (int, float)) and math.isfinite(scale), "scale", f"expected a finite float, got {scale!r}")
+        check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0, "dropout",
+              f"expected a rate in [0, 1), got {dropout!r}")
         self.lora_dropout[slot] = dropout
         self._dropout[slot] = float(dropout)
         if self.slices is None:
@@ -102,16 +127,31 @@ class MultiLoRALinear(FrozenLinearWrapper):
         self.lora_dropout[slot] = 0.0
         self._dropout.pop(slot, None)
 
+    def token_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """One slot id per token of ``x`` from ``adapter_ids``. Per-row ids
+        (``AdapterPool.batch`` with names) cover the batch dim; a batch of k
+        times as many rows, as ``generate`` makes for ``num_beams`` or
+        ``num_return_sequences`` > 1 (``repeat_interleave`` of the inputs),
+        repeats each id k times, as PEFT expands ``adapter_names``. Per-token
+        ids (a tensor) must have one id per token, or one per batch row."""
+        ids, tokens = self.adapter_ids, x.shape[:-1]
+        rows = tokens[0] if len(tokens) else 1
+        if self.ids_per_row:
+            n = ids.numel()
+            check(n >= 1 and rows % n == 0, "adapters",
+                  f"{n} adapter names for a batch of {rows} rows: give one name per batch row")
+            ids = ids.repeat_interleave(rows // n) if rows != n else ids
+        elif not (ids.dim() == 1 and len(tokens) >= 2 and ids.numel() == rows):
+            return ids.reshape(-1)  # one id per token; multi_lora_linear checks the count
+        return ids.reshape(rows, *([1] * (len(tokens) - 1))).expand(*tokens).reshape(-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.adapter_ids
-        if ids is None:
+        if self.adapter_ids is None:
             return nn.functional.linear(x, self.weight, self.bias)
-        tokens = x.shape[:-1]
-        if ids.dim() == 1 and len(tokens) >= 2 and ids.numel() == tokens[0]:
-            ids = ids[:, None].expand(*tokens)  # one id per batch row
+        ids = self.token_ids(x)
         drop = self.lora_dropout if self.training and any(p > 0 for p in self._dropout.values()) else None
-        return multi_lora_linear(x, self.weight, self.lora_A, self.lora_B, self.ranks, self.scales,
-                                 ids.reshape(-1), self.bias, self.slices, drop)
+        return multi_lora_linear(x, self.weight, self.lora_A, self.lora_B, self.ranks, self.scales, ids, self.bias,
+                                 self.slices, drop)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -23,11 +23,17 @@ def _multi_dropped(xr: torch.Tensor, orig_rows: torch.Tensor, a: int, i: int, dr
     return torch.where(keep, xr, 0) * inv[a].to(xr.dtype)
 
 
-def _adapter_runs(ids: torch.Tensor):
-    """(slot, row mask) for each slot ``ids`` uses (-1, no adapter, skipped)."""
+def _adapter_runs(ids: torch.Tensor, slots: int):
+    """(slot, row mask) for each slot ``ids`` uses; -1 (no adapter) and, as in
+    the kernels, ids outside [0, slots) are skipped."""
     for a in ids.unique().tolist():
-        if a >= 0:
+        if 0 <= a < slots:
             yield a, ids == a
+
+
+def _rank(ranks2: torch.Tensor, i: int, a: int, max_rank: int) -> int:
+    """Rank of slice i of slot a, clamped to [0, max_rank] as the kernels clamp it."""
+    return min(max(int(ranks2[i, a]), 0), max_rank)
 
 
 def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices=None,
@@ -47,10 +53,10 @@ def multi_lora_linear_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapte
     widths = list(slices) if slices is not None else [weight.shape[0]]
     ranks2, scales2 = ranks.reshape(len(widths), -1), scales.reshape(len(widths), -1)
     row_ids = torch.arange(x.shape[0], device=x.device)
-    for a, rows in _adapter_runs(adapter_ids):
+    for a, rows in _adapter_runs(adapter_ids, lora_b.shape[0]):
         lo = 0
         for i, width in enumerate(widths):
-            r = int(ranks2[i, a])
+            r = _rank(ranks2, i, a, R)
             xa = _multi_dropped(xf[rows], row_ids[rows], a, i, dropout_p, seeds)
             t = xa @ lora_a[a, i * R:i * R + r].to(acc).t()
             y[rows, lo:lo + width] += float(scales2[i, a]) * (t @ lora_b[a, lo:lo + width, :r].to(acc).t())
@@ -74,9 +80,9 @@ def multi_lora_fwd_ref(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_i
     ranks2 = ranks.reshape(n_sl, -1)
     t = torch.zeros(x.shape[0], n_sl * R, dtype=torch.float32, device=x.device)
     xs = x[perm].float()
-    for a, rows in _adapter_runs(sid):
+    for a, rows in _adapter_runs(sid, lora_b.shape[0]):
         for i in range(n_sl):
-            r = int(ranks2[i, a])
+            r = _rank(ranks2, i, a, R)
             xa = _multi_dropped(xs[rows], perm[rows], a, i, dropout_p, seeds)
             t[rows, i * R:i * R + r] = xa @ lora_a[a, i * R:i * R + r].float().t()
     return y, t, perm, sid
@@ -97,10 +103,10 @@ def multi_lora_bwd_ref(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, si
     dx_s = dys @ weight.to(acc) if needs_dx else None
     da = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
     db = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
-    for a, rows in _adapter_runs(sid):
+    for a, rows in _adapter_runs(sid, lora_b.shape[0]):
         lo = 0
         for i, width in enumerate(widths):
-            r, s = int(ranks2[i, a]), float(scales2[i, a])
+            r, s = _rank(ranks2, i, a, R), float(scales2[i, a])
             dy_i = dys[rows, lo:lo + width]
             dt = dy_i @ lora_b[a, lo:lo + width, :r].to(acc)
             da[a, i * R:i * R + r] = s * (dt.t() @ _multi_dropped(xs[rows], perm[rows], a, i, dropout_p, seeds))
