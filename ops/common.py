@@ -2,6 +2,7 @@
 the rank cap, and the base of the layers that wrap a frozen ``nn.Linear``."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -76,6 +77,26 @@ def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
 def lora_alpha_of(scale: float, r: int, use_rslora: bool = False) -> float:
     """The ``lora_alpha`` that gives ``scale`` at rank r (the inverse of ``lora_scale``)."""
     return scale * (math.sqrt(r) if use_rslora else r)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes linear layers in on ``device``, or None when autocast is off there."""
+    if device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def linear_autocast(x, weight, bias):
+    """``(x, weight, bias, context)`` as ``nn.Linear`` sees them under autocast:
+    floating inputs cast to the autocast dtype (the output then has that
+    dtype), and a context that turns autocast off for the op's own internals
+    (the reference's fp32 matmuls must stay fp32). Outside autocast: the
+    arguments unchanged and a no-op context."""
+    dtype = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if dtype is None or x.dtype not in FLOAT_DTYPES:
+        return x, weight, bias, contextlib.nullcontext()
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES else t  # noqa: E731
+    return cast(x), cast(weight), cast(bias), torch.autocast(x.device.type, enabled=False)
 
 
 class FrozenLinearWrapper(nn.Module):

@@ -220,3 +220,115 @@ def test_lora_dropout_per_adapter(tmp_path, device, tiny_llama):
     assert all(float(layer.lora_dropout[slot]) == 0.5 for layer in fresh.layers.values())
     with pytest.raises(ValueError, match="^lora_dropout"):
         pool.add("bad", r=2, lora_dropout=1.0)
+
+
+def _tamper(src, dst, how):
+    """A copy of the PEFT adapter directory ``src`` made inconsistent in one way."""
+    from safetensors.torch import load_file, save_file
+    dst.mkdir()
+    config = json.loads((src / "adapter_config.json").read_text())
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    if how == "r-mismatch":
+        config["r"] = 2 * config["r"]  # rank-8 tensors under r=16
+    elif how == "targets-without-weights":
+        config["target_modules"] = sorted(set(config["target_modules"]) | {"o_proj"})
+    elif how == "integer-tensors":
+        tensors = {k: (v * 100).to(torch.int32) for k, v in tensors.items()}
+    elif how == "alpha-pattern-text":
+        config["alpha_pattern"] = {"q_proj": "sixteen"}
+    elif how == "rank-zero":
+        tensors = {k: v[:0] if ".lora_A." in k else v[:, :0] for k, v in tensors.items()}
+        config["r"] = 0
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("how", ["r-mismatch", "targets-without-weights", "integer-tensors", "alpha-pattern-text",
+                                 "rank-zero"])
+def test_inconsistent_adapters_rejected_by_pool_and_load_adapter(adapters, tmp_path, how, tiny_llama):
+    """One validator for both loaders: an adapter whose config and tensors
+    disagree raises ValueError naming ``path`` and changes nothing."""
+    bad = _tamper(adapters["b"], tmp_path / how, how)
+    pool = pk.AdapterPool(tiny_llama(), target_modules=["q_proj", "v_proj", "o_proj"], max_adapters=2, max_rank=16)
+    pool.load("b", adapters["b"])
+    before = _snapshot(pool)
+    with pytest.raises(ValueError, match="^path"):
+        pool.load("bad", bad)
+    assert _same(before, _snapshot(pool)), "a rejected load changed the pool"
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="^path"):
+        pk.load_adapter(model, bad)
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k])
+                                                             for k, v in model.state_dict().items())
+
+
+def test_set_slot_checks_everything_before_writing():
+    layer = pk.MultiLoRALinear(8, 6, max_adapters=2, max_rank=4)
+    layer.set_slot(1, torch.randn(3, 8), torch.randn(6, 3), 2.0, dropout=0.1)
+    before = [t.clone() for t in (layer.lora_A, layer.lora_B, layer.ranks, layer.scales, layer.lora_dropout)]
+    for kwargs, name in ((dict(lora_b=torch.randn(5, 3)), "lora_b"), (dict(lora_a=torch.randn(5, 8)), "lora_a"),
+                         (dict(scale=float("nan")), "scale"), (dict(dropout=1.0), "dropout"),
+                         (dict(slot=2), "slot"), (dict(slice_index=0), "slice_index"),
+                         (dict(lora_a=torch.ones(3, 8, dtype=torch.int64)), "lora_a")):
+        args = {**dict(slot=1, lora_a=torch.randn(3, 8), lora_b=torch.randn(6, 3), scale=1.0), **kwargs}
+        with pytest.raises(ValueError, match=f"^{name}"):
+            layer.set_slot(**args)
+        after = (layer.lora_A, layer.lora_B, layer.ranks, layer.scales, layer.lora_dropout)
+        assert all(torch.equal(a, b) for a, b in zip(before, after)), f"{name}: a rejected write changed the slot"
+
+
+def test_batch_names_and_ids_must_fit(adapters, device, tiny_llama):
+    pool = pk.AdapterPool(tiny_llama().to(device), target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=8)
+    pool.load("b", adapters["b"])
+    ids = _ids(device, rows=2)[:, :3]  # a [2, 3] batch
+    for names in (["b"] * 6, ["b"] * 3, ["b", None, "b"]):  # per-token counts, or a count that does not divide
+        with pytest.raises(ValueError, match="^adapters"), pool.batch(names):
+            pool.model(ids)
+    with pytest.raises(ValueError, match="^adapters"):
+        with pool.batch(["nope", None]):
+            pass
+    for bad in (torch.tensor([5, 0]), torch.tensor([-2, 0]), torch.tensor([0.0, 1.0])):
+        with pytest.raises(ValueError, match="^adapters"):
+            with pool.batch(bad.to(device)):
+                pass
+    with pytest.raises(ValueError, match="^adapter_ids"), pool.batch(torch.zeros(5, dtype=torch.int64, device=device)):
+        pool.model(ids)  # per-token ids must count the tokens
+
+
+def _peft_pair(adapters, tiny_llama):
+    """PEFT holding adapters b and d, and our pool holding the same."""
+    base = tiny_llama()
+    base.generation_config.pad_token_id = 2
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(adapters["b"]), adapter_name="b").eval()
+    ref.load_adapter(str(adapters["d"]), adapter_name="d")
+    pool = pk.AdapterPool(base, target_modules=["q_proj", "v_proj", "o_proj"], max_adapters=2, max_rank=8)
+    pool.load("b", adapters["b"])
+    pool.load("d", adapters["d"])
+    return ref, pool
+
+
+@pytest.mark.parametrize("kwargs", [dict(do_sample=False), dict(do_sample=True, top_k=0), dict(num_beams=2),
+                                    dict(num_beams=2, num_return_sequences=2),
+                                    dict(do_sample=True, num_return_sequences=2)],
+                         ids=["greedy", "sampling", "beams", "beams-2-sequences", "sampling-2-sequences"])
+def test_generate_like_peft(adapters, kwargs, tiny_llama):
+    """``model.generate`` inside ``pool.batch(names)`` gives PEFT's tokens for
+    ``generate(adapter_names=...)``: left-padded rows, a base-model row, beams
+    and several returned sequences (each name covers its row's copies)."""
+    ref, pool = _peft_pair(adapters, tiny_llama)
+    ids = torch.randint(3, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 2, 0  # left padding
+    names = ["b", None, "d"]
+    peft_names = [n or "__base__" for n in names]
+    if kwargs.get("do_sample") and kwargs.get("num_return_sequences", 1) > 1:
+        # PEFT expands adapter_names for beams only: give it one name per returned sequence.
+        peft_names = [n for n in peft_names for _ in range(kwargs["num_return_sequences"])]
+    torch.manual_seed(0)
+    want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, adapter_names=peft_names, **kwargs)
+    torch.manual_seed(0)
+    with pool.batch(names):
+        got = pool.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, **kwargs)
+    assert torch.equal(got, want), f"tokens differ:\n{got}\n{want}"

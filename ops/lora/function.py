@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..backend import call_op, check_backend
-from ..common import FLOAT_DTYPES, MAX_RANK, check
+from ..common import FLOAT_DTYPES, MAX_RANK, check, linear_autocast
 from .op import lora_bwd, lora_bwd_impl, lora_fwd, lora_fwd_impl
 
 
@@ -91,9 +91,11 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     ``lora_b [N, r]``, ``bias [N]``; returns ``[..., N]`` in x's dtype.
     ``weight`` gets no gradient. Dropout (on the LoRA input only) is applied
     whenever ``dropout_p > 0``, as ``F.dropout(training=True)`` would.
-    ``backend``: ``"auto"`` (default), ``"triton"`` or ``"reference"``; see
-    ``ops/backend.py``.
+    Under autocast, x, weight and bias are cast as ``nn.Linear`` casts them
+    and the output has the autocast dtype. ``backend``: ``"auto"`` (default),
+    ``"triton"`` or ``"reference"``; see ``ops/backend.py``.
     """
+    x, weight, bias, autocast_off = linear_autocast(x, weight, bias)  # nn.Linear's dtype rule under autocast
     check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p)
     backend = check_backend(backend)
     dropout_p = float(dropout_p)
@@ -101,4 +103,5 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     if dropout_p > 0.0:
         # A device tensor, not a Python int: no host sync, graph capturable.
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
-    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scale), dropout_p, seed, backend)
+    with autocast_off:
+        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scale), dropout_p, seed, backend)

@@ -66,7 +66,9 @@ def _check_table(token_idx: Tensor, num_tokens: int) -> None:
 
 def moe_dispatch(x: Tensor, token_idx: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """Gather tokens into expert slots: ``x [n, d]`` → ``[E, C, d]``; empty
-    slots (``token_idx == -1``) give zero rows. Differentiable in x."""
+    slots (``token_idx == -1``) give zero rows. Differentiable in x.
+    ``token_idx`` values outside [-1, n) raise ``ValueError`` (see
+    docs/reliability.md for when device-resident values are checked)."""
     check(isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point(), "x",
           f"expected a floating [tokens, d] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     _check_table(token_idx, x.shape[0])

@@ -75,7 +75,7 @@ def moe_dispatch_triton(x: Tensor, token_idx: Tensor) -> Tensor:
     E, C = token_idx.shape
     if x.shape[-1] == 0:
         return x.new_zeros((E, C, 0))
-    out, _ = moe_gather(_rows(x), token_idx.reshape(-1))
+    out, _ = moe_gather(_rows(x), token_idx.reshape(-1).contiguous())
     return out.reshape(E, C, x.shape[-1])
 
 
@@ -84,7 +84,8 @@ def moe_segment_sum_triton(src: Tensor, token_idx: Tensor, gates: Optional[Tenso
     if src.shape[-1] == 0:
         return src.new_zeros((num_tokens, 0))
     order, offsets = inverse_index(token_idx, num_tokens)
-    return moe_segment_sum(_rows(src), order, offsets, None if gates is None else gates.reshape(-1), num_tokens)
+    return moe_segment_sum(_rows(src), order, offsets, None if gates is None else gates.reshape(-1).contiguous(),
+                           num_tokens)
 
 
 def moe_combine_bwd_triton(dy: Tensor, expert_out: Tensor, token_idx: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,6 +93,8 @@ def moe_combine_bwd_triton(dy: Tensor, expert_out: Tensor, token_idx: Tensor, ga
     E, C, d = expert_out.shape
     if d == 0:
         return expert_out.new_zeros(expert_out.shape), gates.new_zeros(gates.shape, dtype=torch.float32)
-    dout, dgates = moe_gather(_rows(dy), token_idx.reshape(-1), gates.reshape(-1).float(), _rows(expert_out),
+    # The kernels index the slot table and the gates at unit stride: a strided view is copied.
+    dout, dgates = moe_gather(_rows(dy), token_idx.reshape(-1).contiguous(), gates.reshape(-1).float().contiguous(),
+                              _rows(expert_out),
                               out_dtype=expert_out.dtype)
     return dout.reshape(E, C, d), dgates.reshape(E, C)

@@ -8,12 +8,14 @@ experts as one batched GEMM over ``[E, capacity, d]`` and combine with
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from ..common import autocast_dtype, check
 from .function import moe_combine, moe_dispatch
 from .routing import (DROP_ORDERS, capacity_from_factor, expert_choice_route, load_balancing_loss, router_z_loss,
                       topk_route)
@@ -89,17 +91,21 @@ class _MoEBase(nn.Module):
         self.aux_losses: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x: last dim must be d_model={self.d_model}, got shape {tuple(x.shape)}")
+        check(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.d_model, "x",
+              f"expected [..., d_model={self.d_model}], got shape {tuple(getattr(x, 'shape', ()))}")
         flat = x.reshape(-1, self.d_model)
         n = flat.shape[0]
-        logits = torch.nn.functional.linear(flat.float(), self.router.weight)
+        # The router runs in fp32 even under autocast; the experts' GEMMs follow
+        # autocast, and the output has the dtype an nn.Linear there would give.
+        amp = autocast_dtype(x.device)
+        with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+            logits = torch.nn.functional.linear(flat.float(), self.router.weight)
         gates, token_idx = self._route(logits, self.group_size or n)  # defined by each subclass
         self.aux_losses = self._aux(logits)
         h = moe_dispatch(flat, token_idx, backend=self.backend)
         out = self.experts(h.to(self.experts.w2.dtype))
         y = moe_combine(out, token_idx, gates, n, backend=self.backend)
-        return y.to(x.dtype).reshape(x.shape)
+        return y.to(amp or x.dtype).reshape(x.shape)
 
 
 class ExpertChoiceMoE(_MoEBase):

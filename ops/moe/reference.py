@@ -28,7 +28,7 @@ def moe_combine_ref(expert_out: torch.Tensor, token_idx: torch.Tensor, gates: to
     E, C, d = expert_out.shape
     acc = torch.promote_types(expert_out.dtype, torch.float32)  # fp32, or fp64 for an fp64 reference
     valid = _valid(token_idx, num_tokens).reshape(-1)
-    w = gates.to(acc).reshape(-1, 1) * expert_out.to(acc).reshape(-1, d)
+    w = gates.to(acc).reshape(E * C, 1) * expert_out.to(acc).reshape(E * C, d)
     y = torch.zeros(num_tokens, d, dtype=acc, device=expert_out.device)
     y.index_add_(0, token_idx.reshape(-1)[valid], w[valid])
     return y.to(expert_out.dtype)

@@ -8,6 +8,7 @@ Validation lives here, above the backend choice.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Optional
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..backend import call_op, check_backend
-from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values
+from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values, linear_autocast
 from .op import multi_lora_bwd, multi_lora_bwd_impl, multi_lora_fwd, multi_lora_fwd_impl
 
 
@@ -134,6 +135,12 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     adapter input whenever given, as ``F.dropout(training=True)`` would; each
     slice of a fused projection draws its own mask. None: no dropout.
 
+    Every argument is checked before any kernel runs (``ValueError`` naming
+    it; ids in [-1, SLOTS), ranks in [0, R_MAX]: see docs/reliability.md for
+    when device-resident values are checked), and a row's output depends on
+    its own adapter only, whatever the other slots hold. Under autocast, x,
+    weight and bias are cast as ``nn.Linear`` casts them.
+
     ``slices``: output widths of fused projections sharing x (fused q/k/v,
     e.g. ``[4096, 1024, 1024]`` with GQA), each with its own adapter: then
     ``lora_a`` is ``[SLOTS, len(slices)·R_MAX, K]`` (slice i at rows
@@ -141,6 +148,10 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     of column n), ``ranks`` / ``scales`` ``[len(slices), SLOTS]``. One launch
     for all slices.
     """
+    if isinstance(weight, Tensor):
+        x, weight, bias, autocast_off = linear_autocast(x, weight, bias)  # nn.Linear's dtype rule under autocast
+    else:
+        autocast_off = contextlib.nullcontext()
     slices, S, n_sl = check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids, bias, slices,
                                             dropout_p)
     N, K = weight.shape
@@ -148,6 +159,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     if dropout_p is not None:
         # device tensors, not Python ints: no host sync, graph capturable
         seeds = torch.randint(0, 2**31 - 1, (n_sl,), device=x.device, dtype=torch.int32)
-    y = MultiLoRALinearFunction.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, ranks, scales,
-                                      adapter_ids.reshape(-1), slices, dropout_p, seeds, check_backend(backend))[0]
+    with autocast_off:
+        y = MultiLoRALinearFunction.apply(x.reshape(-1, K), weight, bias, lora_a, lora_b, ranks, scales,
+                                          adapter_ids.reshape(-1), slices, dropout_p, seeds, check_backend(backend))[0]
     return y.reshape(*x.shape[:-1], N)
