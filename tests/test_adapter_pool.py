@@ -283,7 +283,9 @@ def test_batch_names_and_ids_must_fit(adapters, device, tiny_llama):
     pool = pk.AdapterPool(tiny_llama().to(device), target_modules=["q_proj", "v_proj"], max_adapters=2, max_rank=8)
     pool.load("b", adapters["b"])
     ids = _ids(device, rows=2)[:, :3]  # a [2, 3] batch
-    for names in (["b"] * 6, ["b"] * 3, ["b", None, "b"]):  # per-token counts, or a count that does not divide
+    # per-token counts, a count that does not divide, and one name for two rows: outside generate() a name
+    # never spreads over several rows (a tenant's rows must not silently run another tenant's adapter)
+    for names in (["b"] * 6, ["b"] * 3, ["b", None, "b"], ["b"]):
         with pytest.raises(ValueError, match="^adapters"), pool.batch(names):
             pool.model(ids)
     with pytest.raises(ValueError, match="^adapters"):

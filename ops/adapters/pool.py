@@ -208,11 +208,13 @@ class AdapterPool:
         one per batch row (``None``: base model), or a tensor of slot ids, one
         per token (packed / ragged batches; -1: base model).
 
-        Names must match the batch: one per row, or, inside ``generate``
-        with ``num_beams`` or ``num_return_sequences`` > 1 (which repeat each
-        row k times), each name stands for its row's k copies, as PEFT's
-        ``generate(adapter_names=...)`` does. Anything else raises
-        ``ValueError`` naming ``adapters`` at the forward."""
+        Names must match the batch: one per row, or, inside
+        ``model.generate`` with ``num_beams`` or ``num_return_sequences`` > 1
+        (which repeat each row k times), each name stands for its row's k
+        copies, as PEFT's ``generate(adapter_names=...)`` does. Anything else
+        raises ``ValueError`` naming ``adapters`` at the forward: a count that
+        does not fit is never spread over rows silently (a tenant's rows must
+        not run another tenant's adapter)."""
         per_row = not isinstance(adapters, torch.Tensor)
         if per_row:
             ids = self.ids(adapters)
@@ -225,8 +227,38 @@ class AdapterPool:
                           f"slot ids (-1 = base model; {self.max_adapters} slots)"))
         for layer in self.layers.values():
             layer.adapter_ids, layer.ids_per_row = ids, per_row
+        unwrap = self._wrap_generate() if per_row else None
         try:
             yield ids
         finally:
+            if unwrap is not None:
+                unwrap()
             for layer in self.layers.values():
                 layer.adapter_ids, layer.ids_per_row = None, False
+
+    def _wrap_generate(self):
+        """Make ``self.model.generate``, for the duration of a batch, tell the
+        layers that rows may come in k copies; returns the undo."""
+        model = self.model
+        generate = getattr(model, "generate", None)
+        if not callable(generate):
+            return None
+        had = "generate" in vars(model)
+
+        def generate_with_repeats(*args, **kwargs):
+            for layer in self.layers.values():
+                layer.rows_repeat = True
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                for layer in self.layers.values():
+                    layer.rows_repeat = False
+
+        model.__dict__["generate"] = generate_with_repeats
+
+        def undo():
+            if had:
+                model.__dict__["generate"] = generate
+            else:
+                model.__dict__.pop("generate", None)
+        return undo

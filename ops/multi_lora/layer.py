@@ -69,6 +69,7 @@ class MultiLoRALinear(FrozenLinearWrapper):
         self._dropout: dict[int, float] = {}
         self.adapter_ids: Optional[torch.Tensor] = None
         self.ids_per_row = False  # adapter_ids holds one id per batch row (AdapterPool.batch with names)
+        self.rows_repeat = False  # inside generate(): a batch may hold k copies of each row (beams, sequences)
 
     @torch.no_grad()
     def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -129,17 +130,18 @@ class MultiLoRALinear(FrozenLinearWrapper):
 
     def token_ids(self, x: torch.Tensor) -> torch.Tensor:
         """One slot id per token of ``x`` from ``adapter_ids``. Per-row ids
-        (``AdapterPool.batch`` with names) cover the batch dim; a batch of k
-        times as many rows, as ``generate`` makes for ``num_beams`` or
-        ``num_return_sequences`` > 1 (``repeat_interleave`` of the inputs),
-        repeats each id k times, as PEFT expands ``adapter_names``. Per-token
-        ids (a tensor) must have one id per token, or one per batch row."""
+        (``AdapterPool.batch`` with names) must match the batch dim, except
+        inside ``generate`` (``rows_repeat``): a batch of k times as many rows,
+        as ``num_beams`` or ``num_return_sequences`` > 1 make
+        (``repeat_interleave`` of the inputs), repeats each id k times, as
+        PEFT expands ``adapter_names``. Per-token ids (a tensor) must have one
+        id per token, or one per batch row."""
         ids, tokens = self.adapter_ids, x.shape[:-1]
         rows = tokens[0] if len(tokens) else 1
         if self.ids_per_row:
             n = ids.numel()
-            check(n >= 1 and rows % n == 0, "adapters",
-                  f"{n} adapter names for a batch of {rows} rows: give one name per batch row")
+            fits = rows == n or (self.rows_repeat and n >= 1 and rows % n == 0)
+            check(fits, "adapters", f"{n} adapter names for a batch of {rows} rows: give one name per batch row")
             ids = ids.repeat_interleave(rows // n) if rows != n else ids
         elif not (ids.dim() == 1 and len(tokens) >= 2 and ids.numel() == rows):
             return ids.reshape(-1)  # one id per token; multi_lora_linear checks the count
