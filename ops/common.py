@@ -69,6 +69,16 @@ def check_values(*specs) -> None:
             raise ValueError(f"{name}: {what} must be in [{lo}, {hi}], got {found}")
 
 
+def is_number(v) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_rate(value, name: str) -> None:
+    """A LoRA dropout rate: a number in [0, 1)."""
+    check(is_number(value) and 0.0 <= value < 1.0, name, f"expected a dropout rate in [0, 1), got {value!r}")
+
+
 def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     """PEFT's scaling of the low-rank term: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r

@@ -371,7 +371,7 @@ def test_cuda_bf16_isolation(poison):
 @pytest.mark.gpu
 def test_cuda_out_of_range_values_raise_before_any_launch():
     x, w, A, B, ranks, scales, ids = _cuda_pool()
-    S, R = A.shape[0], A.shape[1]
+    S = A.shape[0]
     for name, kwargs in (("adapter_ids", dict(adapter_ids=torch.full_like(ids, S))),
                          ("adapter_ids", dict(adapter_ids=torch.full_like(ids, -2))),
                          ("ranks", dict(ranks=ranks + 1))):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Iterable, Optional, Union
 
 import torch
 
-from ..common import lora_scale
+from ..common import check_rate, is_number, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -94,10 +93,6 @@ class AdapterEntry:
     scale: float
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_config(config: dict) -> float:
     """The config fields a load reads, checked (``ValueError`` naming ``path``);
     returns its ``lora_dropout`` as a float."""
@@ -106,13 +101,12 @@ def check_config(config: dict) -> float:
         if not isinstance(pattern, dict):
             raise ValueError(f"path: {field} must be an object, got {pattern!r}")
         for key, value in pattern.items():
-            ok = _number(value) and (value >= 1 and value == int(value) if field == "rank_pattern" else True)
+            ok = is_number(value) and (value >= 1 and value == int(value) if field == "rank_pattern" else True)
             if not ok:
                 raise ValueError(f"path: {field}[{key!r}] must be a {'positive int' if field == 'rank_pattern' else 'number'}"
                                  f", got {value!r}")
     dropout = config.get("lora_dropout") or 0.0
-    if not (_number(dropout) and 0.0 <= dropout < 1.0):
-        raise ValueError(f"path: lora_dropout must be a rate in [0, 1), got {dropout!r}")
+    check_rate(dropout, "path: lora_dropout")
     return float(dropout)
 
 

@@ -17,17 +17,11 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..common import check, check_values, lora_alpha_of, lora_scale
+from ..common import check, check_rate, check_values, is_number, lora_alpha_of, lora_scale
 from ..lora.layer import check_init, init_lora_
 from ..multi_lora.layer import MultiLoRALinear
 from .format import check_config, matches_target, read_adapter, validate_adapter, write_adapter
 from .model import set_submodule
-
-
-def _check_rate(value, name: str) -> None:
-    """A PEFT lora_dropout: a number in [0, 1)."""
-    check(isinstance(value, (int, float)) and 0.0 <= value < 1.0, name,
-          f"expected a dropout rate in [0, 1), got {value!r}")
 
 
 class AdapterPool:
@@ -85,7 +79,7 @@ class AdapterPool:
         for layer in self.layers.values():  # layers the adapter does not cover get an empty slot
             layer.clear_slot(slot)
         for layer, A, B, scale in plan:
-            layer.set_slot(slot, A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype), scale, dropout=float(dropout))
+            layer.set_slot(slot, A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype), scale, dropout=dropout)
         self.slots[name] = slot
         self._rslora[name] = bool(config.get("use_rslora"))
         self._touch(name)
@@ -114,7 +108,8 @@ class AdapterPool:
             raise ValueError(f"name: adapter {name!r} is already loaded in slot {self.slots[name]}")
         if not isinstance(r, int) or not 1 <= r <= self.max_rank:
             raise ValueError(f"r: expected an int in [1, max_rank={self.max_rank}], got {r!r}")
-        _check_rate(lora_dropout, "lora_dropout")
+        check_rate(lora_dropout, "lora_dropout")
+        check(is_number(lora_alpha), "lora_alpha", f"expected a finite number, got {lora_alpha!r}")
         check_init(init_lora_weights)  # before any change
         slot = self._free_slot(evict)
         scale = lora_scale(lora_alpha, r, use_rslora)

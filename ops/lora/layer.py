@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper, lora_scale
+from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_number, lora_scale
 from .function import lora_linear
 
 INIT_CHOICES = (True, False, "kaiming", "gaussian")
@@ -71,8 +71,8 @@ class LoRALinear(FrozenLinearWrapper):
     def _setup(self, linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype):
         if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
             raise ValueError(f"r: must be an int in [1, {MAX_RANK}], got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: must be in [0, 1), got {lora_dropout!r}")
+        check_rate(lora_dropout, "lora_dropout")
+        check(is_number(lora_alpha), "lora_alpha", f"expected a finite number, got {lora_alpha!r}")
         check_init(init_lora_weights)
         self._adopt(linear)
         self.r = r

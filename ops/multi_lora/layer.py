@@ -3,13 +3,12 @@ LoRA adapters held in slots. It calls the functional API only; no Triton here.
 ``AdapterPool`` (``ops/adapters/pool.py``) fills its slots from PEFT files."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper, check
+from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_number
 from .function import multi_lora_linear
 
 
@@ -96,9 +95,8 @@ class MultiLoRALinear(FrozenLinearWrapper):
         check(1 <= r <= self.max_rank and lora_a.shape[1] == self.in_features, "lora_a",
               f"expected [r, {self.in_features}] with 1 <= r <= max_rank={self.max_rank}, got {tuple(lora_a.shape)}")
         check(tuple(lora_b.shape) == (width, r), "lora_b", f"expected [{width}, {r}], got {tuple(lora_b.shape)}")
-        check(isinstance(scale, (int, float)) and math.isfinite(scale), "scale", f"expected a finite float, got {scale!r}")
-        check(isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0, "dropout",
-              f"expected a rate in [0, 1), got {dropout!r}")
+        check(is_number(scale), "scale", f"expected a finite float, got {scale!r}")
+        check_rate(dropout, "dropout")
         self.lora_dropout[slot] = dropout
         self._dropout[slot] = float(dropout)
         if self.slices is None:
