@@ -14,13 +14,14 @@ Public API:
   adapters, and training several adapters in one mixed batch.
 * MoE: ``expert_choice_route``, ``topk_route``, ``moe_dispatch``,
   ``moe_combine``, the layers ``ExpertChoiceMoE`` and ``TopKMoE``, and sparse
-  upcycling with ``upcycle_mlp`` / ``upcycle_model``.
+  upcycling with ``upcycle_mlp`` / ``upcycle_model``; expert parallelism with
+  ``layer.shard_experts(group)`` and ``expert_parallel_parameter_names``.
 """
 from .ops.adapters import AdapterPool, apply_lora, load_adapter, save_adapter
 from .ops.lora import LoRALinear, LoRALinearFunction, lora_linear
 from .ops.moe import (ExpertChoiceMoE, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
-                      expert_choice_route, load_balancing_loss, moe_combine, moe_dispatch, router_z_loss, topk_route,
-                      upcycle_mlp, upcycle_model)
+                      expert_choice_route, expert_parallel_parameter_names, load_balancing_loss, moe_combine,
+                      moe_dispatch, router_z_loss, topk_route, upcycle_mlp, upcycle_model)
 from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora_linear
 
 __version__ = "0.1.0"
@@ -29,4 +30,4 @@ __all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "apply_lora", "sav
            "topk_route",
            "capacity_from_factor", "router_z_loss", "load_balancing_loss", "moe_dispatch", "moe_combine",
            "MoEDispatchFunction", "MoECombineFunction", "ExpertChoiceMoE", "TopKMoE", "upcycle_mlp",
-           "upcycle_model", "__version__"]
+           "upcycle_model", "expert_parallel_parameter_names", "__version__"]

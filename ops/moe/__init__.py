@@ -7,9 +7,11 @@ op.py         torch.library ops posttrain_kernels::moe_dispatch / moe_segment_su
 function.py   MoEDispatchFunction, MoECombineFunction, moe_dispatch, moe_combine (argument checks)
 layer.py      Experts, ExpertChoiceMoE, TopKMoE
 upcycle.py    upcycle_mlp, upcycle_model
+parallel.py   expert parallelism: experts sharded over a process group, tokens exchanged with all_to_all
 """
 from .function import MoECombineFunction, MoEDispatchFunction, moe_combine, moe_dispatch  # noqa: F401
 from .layer import ExpertChoiceMoE, Experts, TopKMoE  # noqa: F401
 from .routing import (capacity_from_factor, expert_choice_route, load_balancing_loss, router_z_loss,  # noqa: F401
                       topk_route)
+from .parallel import expert_parallel_parameter_names  # noqa: F401
 from .upcycle import upcycle_mlp, upcycle_model  # noqa: F401

@@ -89,6 +89,25 @@ class _MoEBase(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.experts = Experts(num_experts, d_model, d_hidden, gated, activation, bias, dropout, device, dtype)
         self.aux_losses: dict = {}
+        self.expert_shard = None  # set by shard_experts: this rank's share of the experts
+
+    def shard_experts(self, group=None, exchange: str = "exact", grad_reduction: str = "mean") -> "_MoEBase":
+        """Expert parallelism: keep this rank's ``num_experts // world``
+        experts (``group``: any ``torch.distributed`` process group, default
+        the world), replicate the router, and exchange tokens with
+        ``all_to_all_single`` in forward and backward. Routing is over the
+        tokens of every rank of the group, concatenated in rank order, so
+        outputs, drops and (expert choice) choices equal the single-process
+        layer's on the concatenated batch. ``exchange``: ``"exact"`` (only
+        the rows that move; one host sync a call for the split sizes) or
+        ``"static"`` (fixed-size blocks, no host sync; every rank then needs
+        the same token count). ``grad_reduction``: ``"mean"`` (DDP's
+        convention) or ``"sum"``; the layer all-reduces its router and keeps
+        its experts' gradients local, so keep its parameters out of DDP /
+        FSDP (``expert_parallel_parameter_names``). Returns the layer."""
+        from .parallel import shard_experts
+        shard_experts(self, group, exchange, grad_reduction)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.d_model, "x",
@@ -100,12 +119,28 @@ class _MoEBase(nn.Module):
         amp = autocast_dtype(x.device)
         with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
             logits = torch.nn.functional.linear(flat.float(), self.router.weight)
-        gates, token_idx = self._route(logits, self.group_size or n)  # defined by each subclass
-        self.aux_losses = self._aux(logits)
-        h = moe_dispatch(flat, token_idx, backend=self.backend)
-        out = self.experts(h.to(self.experts.w2.dtype))
-        y = moe_combine(out, token_idx, gates, n, backend=self.backend)
+        if self.expert_shard is not None:
+            y = self._forward_sharded(flat, logits)
+        else:
+            gates, token_idx = self._route(logits, self.group_size or n)  # defined by each subclass
+            self.aux_losses = self._aux(logits)
+            h = moe_dispatch(flat, token_idx, backend=self.backend)
+            out = self.experts(h.to(self.experts.w2.dtype))
+            y = moe_combine(out, token_idx, gates, n, backend=self.backend)
         return y.to(amp or x.dtype).reshape(x.shape)
+
+    def _forward_sharded(self, flat: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The expert-parallel forward (``ops/moe/parallel.py``): route over
+        every rank's tokens, send tokens to their experts' ranks and back."""
+        from . import parallel
+        shard = self.expert_shard
+        all_logits, offsets = parallel.gather_logits(logits, shard)
+        gates, token_idx = self._route(all_logits, self.group_size or offsets[-1])
+        self.aux_losses = self._aux(all_logits)
+        plan = parallel.plan_exchange(token_idx, offsets, shard)
+        h = parallel.dispatch(flat, plan, token_idx.shape[1], shard, self.backend)
+        out = self.experts(h.to(self.experts.w2.dtype))
+        return parallel.combine(out, gates, token_idx, plan, flat.shape[0], shard, self.backend)
 
 
 class ExpertChoiceMoE(_MoEBase):
