@@ -91,3 +91,21 @@ def test_malformed_adapter_leaves_model_unchanged(tmp_path, how, text, device, t
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(isinstance(m, pk.LoRALinear) for m in model.modules())
+
+
+def test_regex_rank_and_alpha_patterns_match_as_peft(tmp_path, device, tiny_llama):
+    """PEFT matches a pattern key as a regex group at the end of the module
+    name: ``"q_proj|v_proj"`` covers both projections (rank 2, alpha 2 here).
+    load_adapter reads PEFT's file and gives PEFT's logits."""
+    base = tiny_llama().to(device)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                          rank_pattern={"q_proj|v_proj": 2}, alpha_pattern={"q_proj|v_proj": 2})
+    peft_model = peft.get_peft_model(base, cfg).eval()
+    ids = _ids(device)
+    want = peft_model(ids).logits
+    peft_model.save_pretrained(str(tmp_path))
+    model = tiny_llama().to(device)
+    pk.load_adapter(model, tmp_path)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.r == 2 and q.scaling == 1.0, (q.r, q.scaling)
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)

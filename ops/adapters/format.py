@@ -30,11 +30,12 @@ def matches_target(name: str, targets: Union[str, Iterable[str]]) -> bool:
 
 
 def pattern_value(config: dict, field: str, name: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that
-    matches the end of the module name (a suffix such as ``q_proj`` or a full
-    name), else ``default``."""
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key (a
+    regex) that matches the end of the module name after a dot or the whole
+    name, else ``default``. The key is matched as a group, as PEFT's
+    ``get_pattern_key`` does, so ``"q_proj|v_proj"`` covers both."""
     for key, value in (config.get(field) or {}).items():
-        if re.match(rf"(.*\.)?{key}$", name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
