@@ -9,6 +9,8 @@ Public API:
 * ``LoRALinearFunction``: the autograd Function under ``lora_linear``.
 * ``apply_lora`` / ``save_adapter`` / ``load_adapter``: LoRA on a whole
   model, in PEFT's adapter file format.
+* ``patch_peft`` / ``unpatch_peft``: PEFT's own LoRA layers (a ``PeftModel``)
+  run through the fused kernels, one line.
 * ``multi_lora_linear``, ``MultiLoRALinearFunction``, ``MultiLoRALinear``,
   ``AdapterPool``: one forward over a batch whose rows use different
   adapters, and training several adapters in one mixed batch.
@@ -17,7 +19,7 @@ Public API:
   upcycling with ``upcycle_mlp`` / ``upcycle_model``; expert parallelism with
   ``layer.shard_experts(group)`` and ``expert_parallel_parameter_names``.
 """
-from .ops.adapters import AdapterPool, apply_lora, load_adapter, save_adapter
+from .ops.adapters import AdapterPool, apply_lora, load_adapter, patch_peft, save_adapter, unpatch_peft
 from .ops.lora import LoRALinear, LoRALinearFunction, lora_linear
 from .ops.moe import (ExpertChoiceMoE, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
                       expert_choice_route, expert_parallel_parameter_names, load_balancing_loss, moe_combine,
@@ -26,6 +28,7 @@ from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora
 
 __version__ = "0.1.0"
 __all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "apply_lora", "save_adapter", "load_adapter",
+           "patch_peft", "unpatch_peft",
            "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "AdapterPool", "expert_choice_route",
            "topk_route",
            "capacity_from_factor", "router_z_loss", "load_balancing_loss", "moe_dispatch", "moe_combine",

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     b.add_argument("--md", help="write the markdown table")
     b.add_argument("--plot", help="write PNG bar charts to this file (needs matplotlib; GPU runs)")
     b.add_argument("--quick", action="store_true", help="the headline shape of each benchmark only")
-    b.add_argument("--providers", help="comma-separated subset of linear,eager,compile,peft,ours (LoRA)")
+    b.add_argument("--providers", help="comma-separated subset of linear,eager,compile,peft,peft+patch,ours (LoRA)")
     b.add_argument("--modes", help="comma-separated subset of fwd,bwd,fwd+bwd (LoRA)")
     t = sub.add_parser("tune", help="tune the kernels for a model's shapes and write the cache (GPU)")
     t.add_argument("--preset", action="append", help="model preset (llama-3-8b, llama-3-70b, mixtral-8x7b)")

@@ -1,5 +1,7 @@
 """Fused LoRA benchmark: ``linear`` (F.linear alone, the floor), ``eager``
-(PEFT's formula in eager PyTorch) and ``ours``, forward and forward+backward.
+(PEFT's formula in eager PyTorch), ``compile`` (it, torch.compile'd), ``peft``
+(PEFT's own layer), ``peft+patch`` (the same PeftModel after ``patch_peft``)
+and ``ours``, forward, backward and forward+backward.
 
 fwd+bwd differentiates what training differentiates: x and the adapters for
 the LoRA providers, x alone for the frozen ``linear`` (its weight is frozen
@@ -19,7 +21,7 @@ from ..ops.lora import lora_linear
 from ..ops.lora import reference as ref
 from .common import Result, Timer, progress
 
-PROVIDERS = ("linear", "eager", "compile", "peft", "ours")
+PROVIDERS = ("linear", "eager", "compile", "peft", "peft+patch", "ours")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -119,15 +121,18 @@ def available_providers() -> tuple:
         import peft  # noqa: F401
         return PROVIDERS
     except ImportError:
-        return tuple(p for p in PROVIDERS if p != "peft")
+        return tuple(p for p in PROVIDERS if not p.startswith("peft"))
 
 
 def provider_fn(provider: str, mode: str, s: LoRAShape, inputs, scale: float = 2.0):
     """A zero-argument callable doing ``mode`` of ``provider`` once."""
     x, w, a, b, bias, dy = inputs
     xs = x.detach().requires_grad_(mode != "fwd")
-    if provider == "peft":
+    if provider in ("peft", "peft+patch"):
         layer, lora_params = _peft_layer(w, a, b, bias, scale)
+        if provider == "peft+patch":  # PEFT's own model, its LoRA layers run by the fused kernels
+            from ..ops.adapters.patch import patch_peft
+            patch_peft(layer)
         for p in lora_params:
             p.requires_grad_(mode != "fwd")
         fwd = lambda: layer(xs)  # noqa: E731

@@ -49,8 +49,10 @@ def test_peft_provider_computes_the_same_layer(device):
     shape = lora.LoRAShape(12, 32, 24, 4, torch.float32)
     inputs = lora.make_inputs(shape, device)
     x, w, a, b, bias, _ = inputs
-    got = lora.provider_fn("peft", "fwd", shape, inputs)()
-    torch.testing.assert_close(got, lora.eager_lora(x, w, a, b, 2.0, bias), rtol=1e-5, atol=1e-5)
+    for provider in ("peft", "peft+patch"):
+        got = lora.provider_fn(provider, "fwd", shape, inputs)()
+        torch.testing.assert_close(got, lora.eager_lora(x, w, a, b, 2.0, bias), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{provider}: {m}")
 
 
 def test_multi_lora_and_moe_smoke(device):

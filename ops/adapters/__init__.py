@@ -3,6 +3,8 @@
 format.py  PEFT's adapter files and matching rules (target modules, rank/alpha patterns)
 model.py   apply_lora / save_adapter / load_adapter: LoRALinear layers on a whole model
 pool.py    AdapterPool: MultiLoRALinear layers on a whole model, adapters loaded into slots
+patch.py   patch_peft / unpatch_peft: PEFT's own LoRA layers run through the fused kernels
 """
 from .model import apply_lora, load_adapter, save_adapter  # noqa: F401
+from .patch import patch_peft, unpatch_peft  # noqa: F401
 from .pool import AdapterPool  # noqa: F401

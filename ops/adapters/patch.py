@@ -1,0 +1,165 @@
+"""The one-line switch for PEFT users: ``patch_peft(model)`` runs PEFT's own
+LoRA layers through the fused kernels, in the model they already have.
+
+Every PEFT LoRA ``Linear`` whose base is an ``nn.Linear`` or transformers'
+``Conv1D`` (GPT-2, ``fan_in_fan_out``) gets a forward that calls
+``lora_linear`` (one active adapter) or ``multi_lora_linear`` (a mixed batch,
+``adapter_names=[...]``) on PEFT's own parameters: nothing is copied, so
+``set_adapter``, ``disable_adapter()``, merging, ``save_pretrained``,
+optimizers and gradient checkpointing see the same model. Whatever the
+kernels do not do keeps PEFT's forward, decided per call: DoRA and other
+LoRA variants, ``lora_bias``, several active adapters summed, a trainable
+base weight, extra forward arguments. Layers PEFT builds on other bases
+(quantized Linear, Embedding, Conv2d) are not patched at all. At patch time
+one warning per reason names the layers that fall back.
+
+No Triton here: the forward calls the functional API.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..lora.function import lora_linear
+from ..multi_lora.function import multi_lora_linear
+
+_PATCHED = "_posttrain_patched"
+
+
+def _lora_linear_class():
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as e:  # pragma: no cover - peft is an optional dependency
+        raise ImportError("patch_peft needs peft installed (pip install peft)") from e
+    return Linear
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _base_weight(layer) -> Optional[torch.Tensor]:
+    """The base weight as ``[out, in]`` (a view for Conv1D), or None if the base is not a plain linear."""
+    base = layer.get_base_layer()
+    if type(base) is nn.Linear:
+        return base.weight
+    if _is_conv1d(base):
+        return base.weight.t()
+    return None
+
+
+def _fallback_reason(layer) -> Optional[str]:
+    """Why this call must take PEFT's own forward, or None if the kernels do it."""
+    if layer.lora_variant:
+        return "a LoRA variant (DoRA, ...)"
+    if any(layer.lora_bias.values()):
+        return "lora_bias"
+    base = layer.get_base_layer()
+    if base.weight.requires_grad:
+        return "a trainable base weight"
+    return None
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's LoRA Linear forward, through the fused kernels where they apply."""
+    original = type(self).forward
+    adapter_names = kwargs.get("adapter_names")
+    extra = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
+    if args or extra or self.disable_adapters or self.merged or _fallback_reason(self) is not None:
+        return original(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    weight = _base_weight(self)
+    if adapter_names is not None:
+        return _mixed_batch(self, x, adapter_names, weight, base.bias, original)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if len(active) != 1:  # none (the base layer alone) or several summed: PEFT's forward
+        return original(self, x, *args, **kwargs)
+    name = active[0]
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    return lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                       base.bias, p)
+
+
+def _stack(layer, names: list[str], device: torch.device):
+    """This layer's adapters stacked into slots (cached; rebuilt when an
+    adapter's weights, rank or scale change): (A, B, ranks, scales, slot of
+    each name)."""
+    key = tuple((n, layer.lora_A[n].weight._version, layer.lora_A[n].weight.data_ptr(),
+                 layer.lora_B[n].weight._version, layer.lora_B[n].weight.data_ptr(), layer.scaling[n])
+                for n in names)
+    cached = layer._caches.get("posttrain_stack")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    A = [layer.lora_A[n].weight for n in names]
+    B = [layer.lora_B[n].weight for n in names]
+    R = max(a.shape[0] for a in A)
+    dtype = torch.promote_types(A[0].dtype, B[0].dtype)
+    stack_a = torch.zeros(len(names), R, A[0].shape[1], dtype=dtype, device=device)
+    stack_b = torch.zeros(len(names), B[0].shape[0], R, dtype=dtype, device=device)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(A, B)):
+            stack_a[i, :a.shape[0]] = a
+            stack_b[i, :, :b.shape[1]] = b
+    ranks = torch.tensor([a.shape[0] for a in A], dtype=torch.int32, device=device)
+    scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=device)
+    value = (stack_a, stack_b, ranks, scales, {n: i for i, n in enumerate(names)})
+    layer._caches["posttrain_stack"] = (key, value)
+    return value
+
+
+def _mixed_batch(layer, x, adapter_names, weight, bias, original):
+    """PEFT's mixed batch (one adapter name per row, ``"__base__"`` for the
+    base model) as one multi-adapter launch."""
+    names = sorted(layer.lora_A.keys())
+    rows = x.shape[0] if x.dim() >= 2 else 1
+    if not names or len(adapter_names) != rows:
+        return original(layer, x, adapter_names=adapter_names)  # PEFT raises its own error
+    A, B, ranks, scales, slot = _stack(layer, names, x.device)
+    ids = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int64, device=x.device)
+    per_token = ids.reshape(rows, *([1] * (x.dim() - 2))).expand(*x.shape[:-1]).reshape(-1)
+    return multi_lora_linear(x, weight, A, B, ranks, scales, per_token, bias)
+
+
+def patch_peft(model: nn.Module) -> nn.Module:
+    """Run the PEFT LoRA layers of ``model`` (a ``PeftModel``, or any model
+    with PEFT LoRA layers injected) through the fused kernels; returns
+    ``model``. Idempotent. Layers or calls the kernels do not cover keep
+    PEFT's forward, never a different result; one warning per reason names
+    the layers that fall back now. ``unpatch_peft`` restores PEFT's forward."""
+    linear_cls = _lora_linear_class()
+    from peft.tuners.lora.layer import LoraLayer
+    fallbacks: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if type(m) is not linear_cls or _base_weight(m) is None:
+            fallbacks.setdefault(f"its base layer is a {type(m.get_base_layer()).__name__} (or the LoRA layer a "
+                                 f"{type(m).__name__}), not an nn.Linear / Conv1D", []).append(name)
+            continue
+        reason = _fallback_reason(m) or ("several active adapters summed" if len(
+            [a for a in m.active_adapters if a in m.lora_A]) > 1 else None)
+        if reason is not None:
+            fallbacks.setdefault(reason, []).append(name)
+        if not getattr(m, _PATCHED, False):
+            m.forward = types.MethodType(_fused_forward, m)
+            setattr(m, _PATCHED, True)
+    for reason, names in fallbacks.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warnings.warn(f"patch_peft: {len(names)} LoRA layer(s) keep PEFT's forward because of {reason}: {shown}",
+                      stacklevel=2)
+    return model
+
+
+def unpatch_peft(model: nn.Module) -> nn.Module:
+    """Restore PEFT's own forward on every layer ``patch_peft`` patched; returns ``model``."""
+    for m in model.modules():
+        if getattr(m, _PATCHED, False):
+            del m.forward
+            delattr(m, _PATCHED)
+            getattr(m, "_caches", {}).pop("posttrain_stack", None)
+    return model
