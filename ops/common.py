@@ -109,27 +109,63 @@ def linear_autocast(x, weight, bias):
     return cast(x), cast(weight), cast(bias), torch.autocast(x.device.type, enabled=False)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): a linear layer whose
+    weight is stored ``[in, out]`` (PEFT's ``fan_in_fan_out``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D``: what LoRA can wrap."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 class FrozenLinearWrapper(nn.Module):
-    """Base of the layers that wrap an ``nn.Linear`` whose weight and bias
-    stay frozen (``LoRALinear``, ``MultiLoRALinear``). A subclass defines
-    ``_setup(linear, *args, **kwargs)``; ``from_linear`` reuses the given
-    layer's Parameters (no copy), the constructor makes a fresh one."""
+    """Base of the layers that wrap a linear layer (``nn.Linear``, or
+    transformers' ``Conv1D`` whose weight is ``[in, out]``) whose weight and
+    bias stay frozen (``LoRALinear``, ``MultiLoRALinear``). A subclass
+    defines ``_setup(linear, *args, **kwargs)``; ``from_linear`` reuses the
+    given layer's Parameters (no copy), the constructor makes a fresh one.
+    ``weight_nk`` is the weight as ``[out, in]`` whatever its storage."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *args, **kwargs):
+    def from_linear(cls, linear: nn.Module, *args, **kwargs):
         """Wrap ``linear``: its weight and bias Parameters are reused (no copy) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if not is_linear(linear):
+            raise ValueError(f"linear: expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear, *args, **kwargs)
         return self
 
-    def _adopt(self, linear: nn.Linear) -> None:
-        """Take ``linear``'s weight and bias as this layer's frozen Parameters."""
-        self.out_features, self.in_features = linear.weight.shape
+    def _adopt(self, linear: nn.Module) -> None:
+        """Take ``linear``'s weight and bias as this layer's frozen Parameters
+        (a Conv1D's ``[in, out]`` weight is kept as it is: state-dict keys and
+        shapes stay the model's own)."""
+        self.fan_in_fan_out = is_conv1d(linear)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = linear.weight.shape
+        else:
+            self.out_features, self.in_features = linear.weight.shape
         linear.weight.requires_grad_(False)
         self.register_parameter("weight", linear.weight)
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
         self.register_parameter("bias", linear.bias)
+
+    @property
+    def weight_nk(self) -> torch.Tensor:
+        """The base weight as ``[out_features, in_features]`` (a view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def base_linear(self) -> nn.Module:
+        """A plain layer of the original kind (``nn.Linear`` or ``Conv1D``)
+        sharing this layer's weight and bias."""
+        if self.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+            layer = Conv1D(self.out_features, self.in_features)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight = self.weight
+        layer.bias = self.bias
+        return layer

@@ -46,9 +46,27 @@ def scaling_of(config: dict, name: str, r: int) -> tuple[float, float]:
     return alpha, lora_scale(alpha, r, bool(config.get("use_rslora")))
 
 
-def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(config, {module name: {"A": [r, in], "B": [out, r]}}) of a PEFT LoRA
-    directory. Raises ``ValueError`` on a missing, corrupt or non-LoRA file."""
+# init_lora_weights values whose initialisation also changes the base weights: an adapter saved
+# without PEFT's conversion (save_pretrained(path_initial_model_for_weight_conversion=...)) only fits
+# the modified base, not the original model.
+_NEEDS_CONVERSION = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
+
+
+@dataclasses.dataclass
+class AdapterFile:
+    """A PEFT LoRA directory as read: the config, ``{module: {"A": [r, in],
+    "B": [out, r]}}``, and the full weights of ``modules_to_save``
+    (``{module: {param: tensor}}``)."""
+
+    config: dict
+    lora: dict
+    saved_modules: dict
+
+
+def read_adapter_file(path: Union[str, os.PathLike]) -> AdapterFile:
+    """Read a PEFT LoRA directory. Raises ``ValueError`` naming ``path`` on a
+    missing, corrupt or non-LoRA file, a LoRA variant this package does not
+    run (DoRA), or an initialisation that needs PEFT's conversion first."""
     from safetensors.torch import load_file
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
@@ -64,22 +82,47 @@ def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, dict[st
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)):
             raise ValueError(f"path: {cfg_path} has no numeric {key!r}")
-    if config.get("use_dora") or config.get("fan_in_fan_out"):
-        raise ValueError(f"path: {cfg_path} uses DoRA or fan_in_fan_out, which this package does not load")
+    if config.get("use_dora"):
+        raise ValueError(f"path: {cfg_path} uses DoRA, which this package does not load")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_NEEDS_CONVERSION):
+        raise ValueError(f"path: {cfg_path} was initialised with init_lora_weights={init!r}, which also changes the "
+                         f"base weights, and saved without conversion: it only fits that modified base model. Save "
+                         f"it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=<dir of the "
+                         f"adapter saved right after initialisation>) to turn it into a plain LoRA adapter of the "
+                         f"original model")
     try:
         tensors = load_file(w_path)
     except Exception as e:  # safetensors raises its own error types on corrupt files
         raise ValueError(f"path: {w_path} is not a readable safetensors file ({e})") from None
+    saved_targets = config.get("modules_to_save") or []
     layers: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-        if m is None:
-            raise ValueError(f"path: {w_path} holds a tensor this package does not load: {key}")
-        layers.setdefault(m.group(1), {})[m.group(2)] = t
+        if m is not None:
+            layers.setdefault(m.group(1), {})[m.group(2)] = t
+            continue
+        module, _, param = key.removeprefix(_PREFIX).rpartition(".")
+        if saved_targets and matches_target(module, saved_targets):
+            saved.setdefault(module, {})[param] = t
+            continue
+        raise ValueError(f"path: {w_path} holds a tensor this package does not load: {key}")
     for name, pair in layers.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"path: {w_path} misses lora_{'B' if 'A' in pair else 'A'} of {name}")
-    return config, layers
+    return AdapterFile(config, layers, saved)
+
+
+def read_adapter(path: Union[str, os.PathLike]) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config, {module name: {"A": [r, in], "B": [out, r]}}) of a PEFT LoRA
+    directory without ``modules_to_save`` weights (what the adapter pool
+    holds); see ``read_adapter_file``."""
+    f = read_adapter_file(path)
+    if f.saved_modules:
+        raise ValueError(f"path: the adapter also saves full modules ({', '.join(sorted(f.saved_modules))}: "
+                         f"modules_to_save), which an adapter pool cannot hold per adapter; use load_adapter")
+    return f.config, f.lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +201,19 @@ def validate_adapter(config: dict, tensors: dict, shapes: dict, missing: str, ma
 def write_adapter(path: Union[str, os.PathLike], tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   r: int, lora_alpha: float, target_modules: list[str], lora_dropout: float = 0.0,
                   use_rslora: bool = False, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
-                  base_model_name_or_path: Optional[str] = None) -> None:
+                  base_model_name_or_path: Optional[str] = None, fan_in_fan_out: bool = False,
+                  saved_modules: Optional[dict] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as
-    PEFT's ``save_pretrained`` does; ``tensors``: module name -> (A [r, in], B [out, r])."""
+    PEFT's ``save_pretrained`` does; ``tensors``: module name -> (A [r, in],
+    B [out, r]); ``saved_modules``: module name -> {param: tensor} of
+    ``modules_to_save`` (full weights, PEFT's layout)."""
     from safetensors.torch import save_file
     config = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout, "use_rslora": use_rslora, "bias": "none",
-        "target_modules": target_modules, "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "target_modules": target_modules, "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": sorted(saved_modules) if saved_modules else None,
         "base_model_name_or_path": base_model_name_or_path, "rank_pattern": rank_pattern or {},
         "alpha_pattern": alpha_pattern or {},
     }
@@ -174,6 +221,9 @@ def write_adapter(path: Union[str, os.PathLike], tensors: dict[str, tuple[torch.
     for n, (a, b) in tensors.items():
         flat[f"{_PREFIX}{n}.lora_A.weight"] = a.detach().contiguous()
         flat[f"{_PREFIX}{n}.lora_B.weight"] = b.detach().contiguous()
+    for n, params in (saved_modules or {}).items():
+        for p, t in params.items():
+            flat[f"{_PREFIX}{n}.{p}"] = t.detach().contiguous()
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)

@@ -20,24 +20,25 @@ from torch import nn
 from ..common import check, check_rate, check_values, is_number, lora_alpha_of, lora_scale
 from ..lora.layer import check_init, init_lora_
 from ..multi_lora.layer import MultiLoRALinear
-from .format import check_config, matches_target, read_adapter, validate_adapter, write_adapter
-from .model import set_submodule
+from .format import check_config, read_adapter, validate_adapter, write_adapter
+from .model import resolve_targets, set_submodule, target_list
 
 
 class AdapterPool:
     """Load and unload PEFT LoRA adapters into a running model, and serve mixed batches.
 
     ``AdapterPool(model, target_modules=["q_proj", "v_proj"], max_adapters=8, max_rank=16)``
-    swaps every matching ``nn.Linear`` for a ``MultiLoRALinear`` (PEFT's
-    matching rule: a list entry matches a name or its last components; a
-    string is a full-match regex).
+    swaps every matching linear layer (``nn.Linear``, GPT-2's ``Conv1D``) for
+    a ``MultiLoRALinear`` (PEFT's matching rules: a list entry matches a name
+    or its last components, a string is a full-match regex, ``"all-linear"``
+    is every linear layer but the output layer).
     """
 
     def __init__(self, model: nn.Module, target_modules: Union[str, Iterable[str]], max_adapters: int = 8,
                  max_rank: int = 16):
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_target(n, target_modules)]
+        names = resolve_targets(model, target_modules)
         if not names:
-            raise ValueError(f"target_modules: no nn.Linear of the model matches {target_modules!r}")
+            raise ValueError(f"target_modules: no linear layer of the model matches {target_modules!r}")
         self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
         self.layers: dict[str, MultiLoRALinear] = {}
         for n in names:
@@ -165,13 +166,12 @@ class AdapterPool:
         if not tensors:
             raise ValueError(f"name: adapter {name!r} covers no layer")
         first = next(iter(tensors))
-        suffixes = {n.split(".")[-1] for n in tensors}
-        same_set = {n for n in self.layers if n.split(".")[-1] in suffixes} == set(tensors)
-        write_adapter(path, tensors, ranks[first], alphas[first], sorted(suffixes if same_set else tensors),
+        write_adapter(path, tensors, ranks[first], alphas[first], target_list(self.model, tensors),
                       lora_dropout=round(float(self.layers[first].lora_dropout[slot]), 6), use_rslora=rslora,
                       rank_pattern={n: r for n, r in ranks.items() if r != ranks[first]},
                       alpha_pattern={n: a for n, a in alphas.items() if a != alphas[first]},
-                      base_model_name_or_path=base_model_name_or_path)
+                      base_model_name_or_path=base_model_name_or_path,
+                      fan_in_fan_out=any(self.layers[n].fan_in_fan_out for n in tensors))
 
     def unload(self, name: str) -> None:
         """Free the adapter's slot in every layer (its rank becomes 0)."""

@@ -61,10 +61,12 @@ class LoRALinear(FrozenLinearWrapper):
                     lora_dropout, use_rslora, init_lora_weights, adapter_dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = "kaiming",
                     adapter_dtype: Optional[torch.dtype] = torch.float32) -> "LoRALinear":
-        """Wrap ``linear``: its weight and bias Parameters are reused (no copy) and frozen."""
+        """Wrap ``linear`` (an ``nn.Linear``, or a transformers ``Conv1D`` as in
+        GPT-2, whose ``[in, out]`` weight stays as it is): its weight and bias
+        Parameters are reused (no copy) and frozen."""
         return super().from_linear(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                                    adapter_dtype)
 
@@ -84,14 +86,17 @@ class LoRALinear(FrozenLinearWrapper):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=self.weight.device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=self.weight.device, dtype=dtype)
         self.merged = False
+        self.disabled = False  # the base layer alone (``disable_adapter``)
         self.reset_lora_parameters(init_lora_weights)
 
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = "kaiming") -> None:
         init_lora_(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
 
     def delta_weight(self) -> torch.Tensor:
-        """s·B·A in fp32, the [out, in] update a merge adds to the weight."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        """s·B·A in fp32, the update a merge adds to the weight, in the
+        weight's own layout ([out, in]; [in, out] for a Conv1D base)."""
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -112,10 +117,10 @@ class LoRALinear(FrozenLinearWrapper):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
+        if self.merged or self.disabled:
+            return F.linear(x, self.weight_nk, self.bias)
         p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+        return lora_linear(x, self.weight_nk, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            self.bias, p)
 
     def extra_repr(self) -> str:

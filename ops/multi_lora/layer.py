@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_number
+from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_conv1d, is_number
 from .function import multi_lora_linear
 
 
@@ -39,17 +39,19 @@ class MultiLoRALinear(FrozenLinearWrapper):
                     max_rank, slices)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, max_adapters: int, max_rank: int,
+    def from_linear(cls, linear: nn.Module, max_adapters: int, max_rank: int,
                     slices: Optional[Sequence[int]] = None) -> "MultiLoRALinear":
-        """Wrap ``linear``; its weight and bias are reused (no copy) and frozen."""
+        """Wrap ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``); its
+        weight and bias are reused (no copy) and frozen."""
         return super().from_linear(linear, max_adapters, max_rank, slices)
 
     def _setup(self, linear, max_adapters, max_rank, slices=None):
         if max_adapters < 1 or not 1 <= max_rank <= MAX_RANK:
             raise ValueError(f"max_adapters / max_rank: expected >= 1 and in [1, {MAX_RANK}], got {max_adapters}, "
                              f"{max_rank}")
-        if slices is not None and (sum(slices) != linear.out_features or min(slices) < 1):
-            raise ValueError(f"slices: expected positive widths summing to {linear.out_features}, got {list(slices)}")
+        out_features = linear.weight.shape[1] if is_conv1d(linear) else linear.weight.shape[0]
+        if slices is not None and (sum(slices) != out_features or min(slices) < 1):
+            raise ValueError(f"slices: expected positive widths summing to {out_features}, got {list(slices)}")
         self.slices = None if slices is None else [int(w) for w in slices]
         n_sl = 1 if slices is None else len(slices)
         self._adopt(linear)
@@ -147,11 +149,11 @@ class MultiLoRALinear(FrozenLinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapter_ids is None:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.weight_nk, self.bias)
         ids = self.token_ids(x)
         drop = self.lora_dropout if self.training and any(p > 0 for p in self._dropout.values()) else None
-        return multi_lora_linear(x, self.weight, self.lora_A, self.lora_B, self.ranks, self.scales, ids, self.bias,
-                                 self.slices, drop)
+        return multi_lora_linear(x, self.weight_nk, self.lora_A, self.lora_B, self.ranks, self.scales, ids,
+                                 self.bias, self.slices, drop)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
