@@ -9,7 +9,8 @@ Every PEFT LoRA ``Linear`` whose base is an ``nn.Linear`` or transformers'
 optimizers and gradient checkpointing see the same model. Whatever the
 kernels do not do keeps PEFT's forward, decided per call: DoRA and other
 LoRA variants, ``lora_bias``, several active adapters summed, a trainable
-base weight, extra forward arguments. Layers PEFT builds on other bases
+base weight, weights that a sharding wrapper holds (FSDP units of their
+own), extra forward arguments. Layers PEFT builds on other bases
 (quantized Linear, Embedding, Conv2d) are not patched at all. At patch time
 one warning per reason names the layers that fall back.
 
@@ -61,6 +62,10 @@ def _fallback_reason(layer) -> Optional[str]:
     base = layer.get_base_layer()
     if base.weight.requires_grad:
         return "a trainable base weight"
+    for mod in (*layer.lora_A.values(), *layer.lora_B.values(), base):
+        if type(mod.weight) not in (torch.Tensor, nn.Parameter) or mod.weight.dim() != 2:
+            # FSDP wrapped a LoRA Linear as a unit of its own: only its own forward gathers the weight
+            return "sharded weights (FSDP units of their own)"
     return None
 
 

@@ -5,6 +5,8 @@ reference.py  the same ops in plain PyTorch
 op.py         torch.library ops posttrain_kernels::lora_fwd / lora_bwd
 function.py   LoRALinearFunction and lora_linear (argument checks)
 layer.py      LoRALinear, the drop-in nn.Linear
+parallel.py   tensor parallelism: LoRAColwiseParallel / LoRARowwiseParallel for parallelize_module
 """
 from .function import LoRALinearFunction, lora_linear  # noqa: F401
 from .layer import LoRALinear, init_lora_  # noqa: F401
+from .parallel import LoRAColwiseParallel, LoRARowwiseParallel  # noqa: F401

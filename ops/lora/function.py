@@ -84,7 +84,7 @@ def check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
                 bias: Optional[Tensor] = None, dropout_p: float = 0.0, *,
-                backend: Optional[str] = None) -> Tensor:
+                backend: Optional[str] = None, dropout_seed: Optional[Tensor] = None) -> Tensor:
     """Fused LoRA linear: ``x·weightᵀ + scale·(dropout(x)·lora_aᵀ)·lora_bᵀ + bias``.
 
     Shapes as PEFT: ``x [..., K]``, ``weight [N, K]``, ``lora_a [r, K]``,
@@ -93,7 +93,9 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     whenever ``dropout_p > 0``, as ``F.dropout(training=True)`` would.
     Under autocast, x, weight and bias are cast as ``nn.Linear`` casts them
     and the output has the autocast dtype. ``backend``: ``"auto"`` (default),
-    ``"triton"`` or ``"reference"``; see ``ops/backend.py``.
+    ``"triton"`` or ``"reference"``; see ``ops/backend.py``. ``dropout_seed``:
+    the int32 ``[1]`` tensor the dropout mask is hashed from (drawn from
+    torch's RNG when None; tensor parallelism offsets it per shard).
     """
     x, weight, bias, autocast_off = linear_autocast(x, weight, bias)  # nn.Linear's dtype rule under autocast
     check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p)
@@ -102,6 +104,13 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     seed = None
     if dropout_p > 0.0:
         # A device tensor, not a Python int: no host sync, graph capturable.
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
+        if dropout_seed is None:
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
+        else:
+            seed = dropout_seed
+            check(isinstance(seed, Tensor) and seed.dtype == torch.int32 and seed.numel() == 1
+                  and seed.device == x.device, "dropout_seed",
+                  f"expected an int32 [1] tensor on x's device, got {type(seed).__name__} "
+                  f"{getattr(seed, 'dtype', '')} {tuple(getattr(seed, 'shape', ()))}")
     with autocast_off:
         return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scale), dropout_p, seed, backend)

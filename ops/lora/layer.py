@@ -87,6 +87,7 @@ class LoRALinear(FrozenLinearWrapper):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=self.weight.device, dtype=dtype)
         self.merged = False
         self.disabled = False  # the base layer alone (``disable_adapter``)
+        self.tensor_shard = None  # set by tensor parallelism (ops/lora/parallel.py)
         self.reset_lora_parameters(init_lora_weights)
 
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = "kaiming") -> None:
@@ -120,6 +121,15 @@ class LoRALinear(FrozenLinearWrapper):
         if self.merged or self.disabled:
             return F.linear(x, self.weight_nk, self.bias)
         p = self.lora_dropout if self.training else 0.0
+        if self.tensor_shard is not None:  # split by LoRAColwiseParallel / LoRARowwiseParallel
+            from .parallel import sharded_forward
+            return sharded_forward(self, x, p)
+        for name, t in (("lora_A", self.lora_A.weight), ("lora_B", self.lora_B.weight)):
+            if type(t) is not torch.Tensor and type(t) is not nn.Parameter or t.dim() != 2:
+                raise ValueError(f"{name}: its weight is a {type(t).__name__} of shape {tuple(t.shape)}: a sharding "
+                                 f"wrapper (FSDP) wrapped lora_A / lora_B as units of their own, so they are not "
+                                 f"gathered when this layer runs. Shard the LoRALinear (or the block holding it) as "
+                                 f"one unit: docs/peft.md")
         return lora_linear(x, self.weight_nk, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            self.bias, p)
 
