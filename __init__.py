@@ -19,8 +19,8 @@ Public API:
   upcycling with ``upcycle_mlp`` / ``upcycle_model``; expert parallelism with
   ``layer.shard_experts(group)`` and ``expert_parallel_parameter_names``.
 """
-from .ops.adapters import (AdapterPool, apply_lora, disable_adapter, load_adapter, merge_and_unload, patch_peft,
-                          save_adapter, unpatch_peft)
+from .ops.adapters import (AdapterPool, apply_lora, disable_adapter, fsdp_auto_wrap_policy, load_adapter,
+                          merge_and_unload, patch_peft, save_adapter, unpatch_peft)
 from .ops.lora import LoRAColwiseParallel, LoRALinear, LoRALinearFunction, LoRARowwiseParallel, lora_linear
 from .ops.moe import (ExpertChoiceMoE, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
                       expert_choice_route, expert_parallel_parameter_names, load_balancing_loss, moe_combine,
@@ -29,7 +29,7 @@ from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora
 
 __version__ = "0.1.0"
 __all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "LoRAColwiseParallel", "LoRARowwiseParallel", "apply_lora", "save_adapter", "load_adapter",
-           "merge_and_unload", "disable_adapter", "patch_peft", "unpatch_peft",
+           "merge_and_unload", "disable_adapter", "fsdp_auto_wrap_policy", "patch_peft", "unpatch_peft",
            "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "AdapterPool", "expert_choice_route",
            "topk_route",
            "capacity_from_factor", "router_z_loss", "load_balancing_loss", "moe_dispatch", "moe_combine",

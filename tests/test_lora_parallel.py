@@ -105,3 +105,16 @@ def test_fsdp2_blocks_as_units_equal_single_process():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_fsdp_worker, args=(2, port), nprocs=2, join=True)
+
+
+def test_fsdp1_wrap_policy_units_are_the_blocks(tiny_llama):
+    """The FSDP1 policy wraps each decoder block (LoRA layers inside), never
+    lora_A / lora_B alone. (FSDP1 itself needs a GPU: the policy is checked
+    here, the training on a GPU.)"""
+    model = tiny_llama()
+    pk.apply_lora(model, ["q_proj", "v_proj"], r=4)
+    policy = pk.fsdp_auto_wrap_policy(model)
+    wrapped = [n for n, m in model.named_modules() if n and policy(m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == ["model.layers.0", "model.layers.1"], wrapped
+    with pytest.raises(ValueError, match="^model"):
+        pk.fsdp_auto_wrap_policy(torch.nn.Sequential(torch.nn.ReLU()))

@@ -5,6 +5,7 @@ model.py   apply_lora / save_adapter / load_adapter / merge_and_unload / disable
 pool.py    AdapterPool: MultiLoRALinear layers on a whole model, adapters loaded into slots
 patch.py   patch_peft / unpatch_peft: PEFT's own LoRA layers run through the fused kernels
 """
-from .model import apply_lora, disable_adapter, load_adapter, merge_and_unload, save_adapter  # noqa: F401
+from .model import (apply_lora, disable_adapter, fsdp_auto_wrap_policy, load_adapter, merge_and_unload,  # noqa: F401
+                    save_adapter)
 from .patch import patch_peft, unpatch_peft  # noqa: F401
 from .pool import AdapterPool  # noqa: F401

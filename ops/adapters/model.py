@@ -13,6 +13,7 @@
   ``is_trainable=True``.
 * ``merge_and_unload(model)`` folds every adapter into its base layer;
   ``disable_adapter(model)`` runs the base model inside a ``with`` block.
+* ``fsdp_auto_wrap_policy(model)``: FSDP1 units by transformer block.
 """
 from __future__ import annotations
 
@@ -241,3 +242,24 @@ def disable_adapter(model: nn.Module):
             layer.disabled = False
         for n, module in trained.items():
             set_submodule(model, n, module)
+
+
+def fsdp_auto_wrap_policy(model: nn.Module):
+    """An FSDP1 ``auto_wrap_policy`` that makes each transformer block one
+    unit, its LoRA layers inside: the fused layers read their adapter weights
+    directly, so ``lora_A`` / ``lora_B`` must not be units of their own (PEFT's
+    ``fsdp_auto_wrap_policy`` makes them so). Use it with
+    ``use_orig_params=True`` (frozen and trainable weights share a unit).
+    The blocks are the entries of the model's ``nn.ModuleList`` s of one
+    class that hold linear layers."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    classes = set()
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1:
+            if any(is_linear(x) or isinstance(x, FrozenLinearWrapper) for x in m[0].modules()):
+                classes.add(type(m[0]))
+    if not classes:
+        raise ValueError("model: found no list of transformer blocks to wrap; pass your block class to "
+                         "torch's transformer_auto_wrap_policy")
+    import functools
+    return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)

@@ -129,7 +129,8 @@ class LoRALinear(FrozenLinearWrapper):
                 raise ValueError(f"{name}: its weight is a {type(t).__name__} of shape {tuple(t.shape)}: a sharding "
                                  f"wrapper (FSDP) wrapped lora_A / lora_B as units of their own, so they are not "
                                  f"gathered when this layer runs. Shard the LoRALinear (or the block holding it) as "
-                                 f"one unit: docs/peft.md")
+                                 f"one unit: FSDP1 auto_wrap_policy=posttrain_kernels.fsdp_auto_wrap_policy(model) "
+                                 f"with use_orig_params=True, FSDP2 fully_shard per block (docs/peft.md)")
         return lora_linear(x, self.weight_nk, self.lora_A.weight, self.lora_B.weight, self.scaling,
                            self.bias, p)
 
