@@ -40,6 +40,51 @@ def test_upcycle_model_every_other_and_last(device, tiny_gpt2):
         pk.upcycle_model(tiny_gpt2(), 2, layers="first:2")
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["t5", "t5-v1.1-gated"])
+def test_upcycle_t5(gated):
+    """T5's feed-forward (wi / wo, or gated wi_0 / wi_1 / wo) upcycles with
+    its dropout between the GEMMs; upcycle_model finds the feed-forward layers
+    of the encoder and the decoder, and the logits stay the same."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=2, dropout_rate=0.3, feed_forward_proj="gated-gelu" if gated else "relu",
+                                decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    mlp = model.encoder.block[0].layer[-1].DenseReluDense
+    moe = pk.upcycle_mlp(mlp, 4, capacity_factor=4.0).eval()
+    assert moe.experts.gated == gated and moe.experts.dropout_position == "hidden" and moe.experts.dropout.p == 0.3
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(moe(x), mlp(x), rtol=1e-5, atol=1e-5)
+    ids = torch.randint(3, 64, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert pk.upcycle_model(model, 4, layers="every_other", capacity_factor=4.0) == [1, 3]
+    assert isinstance(model.decoder.block[1].layer[-1].DenseReluDense, pk.ExpertChoiceMoE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fc1_fc2_dropout_between_the_gemms():
+    """An fc1 / act / dropout / fc2 MLP: the upcycled experts drop activations
+    (hidden), not outputs: with every activation dropped, what remains is
+    fc2's bias (dropping outputs would leave 0)."""
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(16, 24), torch.nn.Linear(24, 16)
+            self.act, self.dropout = torch.nn.GELU(), torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+    mlp = Mlp()
+    moe = pk.upcycle_mlp(mlp, 2, capacity_factor=2.0)
+    assert moe.experts.dropout_position == "hidden" and moe.training
+    moe.experts.dropout = torch.nn.Dropout(1.0)
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(moe(x), mlp.fc2.bias.expand(6, 16), rtol=1e-5, atol=1e-5)
+
+
 def test_mixtral_block_conversion(device):
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,

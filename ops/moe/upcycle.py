@@ -12,11 +12,13 @@ from .layer import ExpertChoiceMoE, TopKMoE
 
 
 def _dense_weights(mlp: nn.Module):
-    """(gated, activation, dropout p, weights as [in, out], biases) of a dense MLP.
+    """(gated, activation, dropout p, dropout position, [(weight [in, out], bias)])
+    of a dense MLP.
 
-    Understands GPT-2's (c_fc, c_proj as Conv1D, act), Llama's (gate_proj,
-    up_proj, down_proj, act_fn), and fc1/fc2 with act/activation_fn (OPT, CLIP,
-    ViT-style) MLPs.
+    Understands GPT-2's (c_fc, c_proj as Conv1D, act; dropout on the output),
+    Llama's (gate_proj, up_proj, down_proj, act_fn), T5's (wi, wo and gated
+    wi_0 / wi_1, wo; dropout between the GEMMs) and fc1/fc2 with act /
+    activation_fn / act_fn (CLIP, Phi, NLLB-style; dropout between the GEMMs).
     """
     def lin(m):  # (weight [in, out], bias or None) of nn.Linear or HF Conv1D
         if isinstance(m, nn.Linear):
@@ -30,15 +32,19 @@ def _dense_weights(mlp: nn.Module):
     if isinstance(drop, nn.Dropout):
         p = drop.p
     if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
-        return True, mlp.act_fn, p, [lin(mlp.gate_proj), lin(mlp.up_proj), lin(mlp.down_proj)]
+        return True, mlp.act_fn, p, "output", [lin(mlp.gate_proj), lin(mlp.up_proj), lin(mlp.down_proj)]
     if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
-        return False, mlp.act, p, [lin(mlp.c_fc), lin(mlp.c_proj)]
+        return False, mlp.act, p, "output", [lin(mlp.c_fc), lin(mlp.c_proj)]
+    if all(hasattr(mlp, a) for a in ("wi_0", "wi_1", "wo")):  # T5 v1.1 / Flan-T5: act(wi_0 x) * wi_1 x
+        return True, mlp.act, p, "hidden", [lin(mlp.wi_0), lin(mlp.wi_1), lin(mlp.wo)]
+    if hasattr(mlp, "wi") and hasattr(mlp, "wo"):  # T5
+        return False, mlp.act, p, "hidden", [lin(mlp.wi), lin(mlp.wo)]
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
         act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn", None)
         if act is None:
             raise ValueError("mlp: found fc1/fc2 but no act / activation_fn / act_fn")
-        return False, act, p, [lin(mlp.fc1), lin(mlp.fc2)]
-    raise ValueError(f"mlp: unsupported MLP {type(mlp).__name__} (expected GPT-2, Llama or fc1/fc2 style)")
+        return False, act, p, "hidden", [lin(mlp.fc1), lin(mlp.fc2)]
+    raise ValueError(f"mlp: unsupported MLP {type(mlp).__name__} (expected GPT-2, Llama, T5 or fc1/fc2 style)")
 
 
 def upcycle_mlp(mlp: nn.Module, num_experts: int, router: str = "expert_choice", capacity_factor: float = 2.0,
@@ -51,12 +57,12 @@ def upcycle_mlp(mlp: nn.Module, num_experts: int, router: str = "expert_choice",
     takes every token, the gates of a token sum to 1, and the layer computes
     exactly the dense MLP.
     """
-    gated, act, p, weights = _dense_weights(mlp)
+    gated, act, p, position, weights = _dense_weights(mlp)
     w_in = weights[0][0]
     d_model, d_hidden = w_in.shape
     bias = weights[-1][1] is not None
-    common = dict(gated=gated, activation=act, bias=bias, dropout=p, group_size=group_size, device=w_in.device,
-                  dtype=w_in.dtype)
+    common = dict(gated=gated, activation=act, bias=bias, dropout=p, dropout_position=position,
+                  group_size=group_size, device=w_in.device, dtype=w_in.dtype)
     if router == "expert_choice":
         layer = ExpertChoiceMoE(d_model, d_hidden, num_experts, capacity_factor=capacity_factor, **common)
     elif router == "topk":
@@ -78,13 +84,18 @@ def upcycle_mlp(mlp: nn.Module, num_experts: int, router: str = "expert_choice",
     return layer.train(mlp.training)  # an eval-mode model stays in eval mode (dropout off)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a Hugging Face model (GPT-2's ``h``, Llama's
-    ``layers``, or the first ModuleList whose entries have an ``mlp``)."""
+def _mlp_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of each dense MLP of a Hugging Face model, in
+    order: the blocks of the first ModuleList whose entries have an ``mlp``
+    (GPT-2's ``h``, Llama's ``layers``), or else every T5 feed-forward
+    layer's ``DenseReluDense`` (encoder blocks, then decoder blocks)."""
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(b, "mlp") for b in m):
-            return m
-    raise ValueError("model: found no list of blocks with an .mlp attribute")
+            return [(b, "mlp") for b in m]
+    t5 = [(m, "DenseReluDense") for m in model.modules() if hasattr(m, "DenseReluDense")]
+    if t5:
+        return t5
+    raise ValueError("model: found no list of blocks with an .mlp attribute and no T5 feed-forward layers")
 
 
 def upcycle_model(model: nn.Module, num_experts: int, layers: Union[str, list] = "every_other",
@@ -92,10 +103,11 @@ def upcycle_model(model: nn.Module, num_experts: int, layers: Union[str, list] =
     """Replace the MLP blocks of a Hugging Face model by upcycled MoE layers,
     in place. ``layers``: ``"every_other"`` (blocks 1, 3, 5, ..., as in the
     paper), ``"last:L"`` (the last L blocks), ``"all"``, or a list of block
-    indices. Other keyword arguments go to :func:`upcycle_mlp`. Returns the
-    indices replaced."""
-    blocks = _blocks(model)
-    n = len(blocks)
+    indices; for T5 models the indices count the feed-forward layers of the
+    encoder, then of the decoder. Other keyword arguments go to
+    :func:`upcycle_mlp`. Returns the indices replaced."""
+    slots = _mlp_slots(model)
+    n = len(slots)
     if layers == "every_other":
         chosen = list(range(1, n, 2))
     elif layers == "all":
@@ -108,5 +120,6 @@ def upcycle_model(model: nn.Module, num_experts: int, layers: Union[str, list] =
     else:
         raise ValueError(f"layers: expected 'every_other', 'all', 'last:L' or block indices < {n}, got {layers!r}")
     for i in chosen:
-        blocks[i].mlp = upcycle_mlp(blocks[i].mlp, num_experts, **kwargs)
+        parent, attr = slots[i]
+        setattr(parent, attr, upcycle_mlp(getattr(parent, attr), num_experts, **kwargs))
     return chosen
