@@ -23,15 +23,22 @@ from .ops.adapters import (AdapterPool, apply_lora, disable_adapter, fsdp_auto_w
                           merge_and_unload, patch_peft, save_adapter, unpatch_peft)
 from .ops.lora import LoRAColwiseParallel, LoRALinear, LoRALinearFunction, LoRARowwiseParallel, lora_linear
 from .ops.moe import (ExpertChoiceMoE, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
-                      expert_choice_route, expert_parallel_parameter_names, load_balancing_loss, moe_combine,
-                      moe_dispatch, router_z_loss, topk_route, upcycle_mlp, upcycle_model)
+                      convert_moe, expert_choice_route, expert_parallel_parameter_names, load_balancing_loss,
+                      moe_combine, moe_dispatch, router_z_loss, select_experts, topk_route, upcycle_mlp, upcycle_model)
 from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora_linear
 
 __version__ = "0.1.0"
-__all__ = ["LoRALinear", "LoRALinearFunction", "lora_linear", "LoRAColwiseParallel", "LoRARowwiseParallel", "apply_lora", "save_adapter", "load_adapter",
-           "merge_and_unload", "disable_adapter", "fsdp_auto_wrap_policy", "patch_peft", "unpatch_peft",
-           "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "AdapterPool", "expert_choice_route",
-           "topk_route",
-           "capacity_from_factor", "router_z_loss", "load_balancing_loss", "moe_dispatch", "moe_combine",
-           "MoEDispatchFunction", "MoECombineFunction", "ExpertChoiceMoE", "TopKMoE", "upcycle_mlp",
-           "upcycle_model", "expert_parallel_parameter_names", "__version__"]
+__all__ = [
+    # fused LoRA
+    "LoRALinear", "LoRALinearFunction", "lora_linear", "LoRAColwiseParallel", "LoRARowwiseParallel",
+    # PEFT integration
+    "apply_lora", "save_adapter", "load_adapter", "merge_and_unload", "disable_adapter", "fsdp_auto_wrap_policy",
+    "patch_peft", "unpatch_peft",
+    # multi-adapter LoRA
+    "multi_lora_linear", "MultiLoRALinearFunction", "MultiLoRALinear", "AdapterPool",
+    # MoE
+    "expert_choice_route", "topk_route", "select_experts", "capacity_from_factor", "router_z_loss",
+    "load_balancing_loss", "moe_dispatch", "moe_combine", "MoEDispatchFunction", "MoECombineFunction",
+    "ExpertChoiceMoE", "TopKMoE", "convert_moe", "upcycle_mlp", "upcycle_model", "expert_parallel_parameter_names",
+    "__version__",
+]

@@ -128,11 +128,11 @@ def smoke_table(results: list[Result], tolerance: dict) -> str:
     interpreter's wall clock says nothing about a GPU."""
     lines = ["| bench | shape | dtype | checked | rel. err | tolerance | result |", "|---|---|---|---|---:|---:|---|"]
     checked = {(r.bench, r.shape) for r in results if r.rel_err is not None}
-    seen = set()
+    seen = set()  # one row per (bench, shape, what was checked): each checked provider of a shape has its own
     for r in results:
-        if (r.bench, r.shape) in seen or (r.rel_err is None and (r.bench, r.shape) in checked):
+        if (r.bench, r.shape, r.checks) in seen or (r.rel_err is None and (r.bench, r.shape) in checked):
             continue
-        seen.add((r.bench, r.shape))
+        seen.add((r.bench, r.shape, r.checks))
         if r.rel_err is None:  # a benchmark with no output check of its own: it ran, that is all
             providers = ", ".join(q.provider for q in results if (q.bench, q.shape) == (r.bench, r.shape))
             lines.append(f"| {r.bench} | {r.shape} | {r.dtype} | ran ({providers}) | | | ran |")

@@ -53,7 +53,7 @@ def sent_bytes(layer, x_local, exchange: str) -> dict:
     with torch.no_grad():
         logits = torch.nn.functional.linear(x_local.float(), layer.router.weight)
         all_logits, offsets = parallel.gather_logits(logits, shard)
-        _, token_idx = layer._route(all_logits, layer.group_size or offsets[-1])
+        _, token_idx = layer._route(all_logits, layer.group_size or offsets[-1], layer.group_size)
         plan = parallel.plan_exchange(token_idx, offsets, shard)
     C = token_idx.shape[1]
     if exchange == "exact":

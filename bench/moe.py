@@ -6,8 +6,14 @@
   fewest bytes (dispatch: read the tokens, write the slots; combine: read the
   slots, write the tokens), and "% of roofline" compares with the copy
   bandwidth measured in the same run.
-* ``moe-layer``: an expert-choice MoE layer forward+backward, ``ours``
-  against the same layer on the eager index-based reference path (``eager``).
+* ``moe-layer``: an MoE layer forward+backward (expert choice, or top-2 at
+  a capacity factor), providers ``padded`` (our dispatch / combine, experts
+  as batched GEMMs over every slot), ``grouped`` (experts as grouped GEMMs
+  over the kept slots only; where PyTorch's grouped GEMM runs), ``eager``
+  (the padded layer on the index-based reference path) and ``floor`` (the
+  two expert GEMMs alone, forward and backward, on exactly the kept tokens,
+  pre-gathered: grouped GEMM where it runs, else batched GEMM). TFLOP/s
+  counts the kept tokens' FLOPs for every provider.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 
 from ..ops import moe as M
 from ..ops.common import dtype_name
-from ..ops.moe import ExpertChoiceMoE
+from ..ops.moe import ExpertChoiceMoE, TopKMoE, grouped
 from ..ops.moe import reference as ref
 from .common import Result, Timer, progress
 
@@ -47,16 +53,25 @@ class LayerShape:
     E: int
     cf: float
     dtype: torch.dtype = torch.bfloat16
+    top_k: int = 0  # 0: expert choice
 
     @property
     def label(self) -> str:
-        return f"n={self.n} d={self.d} F={self.F} E={self.E} C={self.cf:g} {dtype_name(self.dtype)}"
+        router = f"top-{self.top_k} CF" if self.top_k else "EC C"
+        return f"n={self.n} d={self.d} F={self.F} E={self.E} {router}={self.cf:g} {dtype_name(self.dtype)}"
+
+    def layer(self, device, **kw):
+        if self.top_k:
+            return TopKMoE(self.d, self.F, self.E, top_k=self.top_k, capacity_factor=self.cf, gated=False,
+                           activation="gelu", bias=False, device=device, dtype=self.dtype, **kw)
+        return ExpertChoiceMoE(self.d, self.F, self.E, capacity_factor=self.cf, bias=False, device=device,
+                               dtype=self.dtype, **kw)
 
 
 GPU_DC = [DCShape(8192, 4096, 8, 2.0)]
-GPU_LAYER = [LayerShape(8192, 2048, 8192, 8, 2.0)]
+GPU_LAYER = [LayerShape(8192, 2048, 8192, 8, 2.0), LayerShape(8192, 2048, 8192, 8, 1.25, top_k=2)]
 SMOKE_DC = [DCShape(96, 80, 4, 2.0, torch.float32)]
-SMOKE_LAYER = [LayerShape(64, 32, 48, 4, 2.0, torch.float32)]
+SMOKE_LAYER = [LayerShape(64, 32, 48, 4, 2.0, torch.float32), LayerShape(63, 32, 48, 4, 1.25, torch.float32, top_k=2)]
 
 
 def _index_dc(x, idx, gates, n):
@@ -110,32 +125,53 @@ def run_dc(shapes, timer: Timer, peaks=None, providers=("index", "onehot", "ours
     return out
 
 
+def _floor(layer, x):
+    """(fn, kept rows): the layer's two expert GEMMs, forward and backward,
+    on exactly the tokens its routing keeps, gathered beforehand."""
+    with torch.no_grad():
+        logits = layer.router(x.float())
+        n_group = layer._groups(x, x.shape[0])
+        gates, token_idx = layer._route(logits, n_group or x.shape[0], n_group)
+        tok, _, offs = grouped.pack_slots(token_idx, gates)
+        kept = int(offs[-1])
+        h = x.detach()[tok[0, :kept]].contiguous().requires_grad_()
+        dy = torch.randn_like(h)
+    params = list(layer.experts.parameters())
+    ex = layer.experts
+    if grouped.grouped_supported(x.device, x.dtype, layer.d_model, layer.d_hidden)[0]:
+        return (lambda: torch.autograd.grad(ex(h, offs), [h] + params, dy)), kept
+    # no grouped GEMM here: batched GEMM on [E, C, d], exact when every slot is kept (expert choice)
+    hb = x.detach()[token_idx.clamp_min(0)].requires_grad_()
+    dyb = torch.randn_like(hb)
+    return (lambda: torch.autograd.grad(ex(hb), [hb] + params, dyb)), kept
+
+
 def run_layer(shapes, timer: Timer, peaks=None) -> list[Result]:
     out = []
     for i, s in enumerate(shapes):
         progress(f"moe layer {i + 1}/{len(shapes)}: {s.label}")
         torch.manual_seed(0)
-        ours = ExpertChoiceMoE(s.d, s.F, s.E, capacity_factor=s.cf, device=timer.device, dtype=s.dtype)
-        eager = ExpertChoiceMoE(s.d, s.F, s.E, capacity_factor=s.cf, device=timer.device, dtype=s.dtype,
-                                backend="reference")
-        eager.load_state_dict(ours.state_dict())
+        layers = {"padded": s.layer(timer.device, expert_gemm="padded"),
+                  "eager": s.layer(timer.device, expert_gemm="padded", backend="reference")}
+        if grouped.grouped_supported(timer.device, s.dtype, s.d, s.F)[0]:
+            layers["grouped"] = s.layer(timer.device, expert_gemm="grouped")
+        for layer in layers.values():
+            layer.load_state_dict(layers["padded"].state_dict())
         x = torch.randn(s.n, s.d, device=timer.device, dtype=s.dtype, requires_grad=True)
         dy = torch.randn(s.n, s.d, device=timer.device, dtype=s.dtype)
-        y_o, y_e = ours(x), eager(x)
-        err = ((y_o.float() - y_e.float()).norm() / y_e.float().norm()).item()
-        params = {"ours": list(ours.parameters()), "eager": list(eager.parameters())}
-        layers = {"ours": ours, "eager": eager}
-        times = {p: timer.time(lambda p=p: torch.autograd.grad(layers[p](x), [x] + params[p], dy))
-                 for p in ("eager", "ours")}
-        cap = M.capacity_from_factor(s.n, s.E, s.cf)
-        flops = 3 * 2 * 2.0 * s.E * cap * s.d * s.F  # two expert GEMMs, fwd + 2 bwd
-        for p in ("eager", "ours"):
+        want = layers["eager"](x).float()
+        errs = {p: ((layers[p](x).float() - want).norm() / want.norm()).item() for p in layers if p != "eager"}
+        fns = {p: (lambda p=p: torch.autograd.grad(layers[p](x), [x] + list(layers[p].parameters()), dy))
+               for p in layers}
+        fns["floor"], kept = _floor(layers["padded"], x)
+        times = {p: timer.time(fns[p]) for p in fns}
+        flops = 3 * 2 * 2.0 * kept * s.d * s.F  # two expert GEMMs on the kept tokens, fwd + 2 bwd
+        for p in times:
             med, p20, p80 = times[p]
             roof = None if peaks is None else 100.0 * (flops / (peaks[0] * 1e9)) / med
             out.append(Result(bench="moe-layer", shape=s.label, dtype=dtype_name(s.dtype), mode="fwd+bwd", provider=p,
-                              ms=med, p20_ms=p20, p80_ms=p80,
-                              tflops=flops / med / 1e9, gbps=0.0,
-                              checks="forward (against the reference backend)" if p == "ours" else None,
+                              ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, gbps=0.0,
+                              checks=f"forward of {p} (against the reference backend)" if p in errs else None,
                               vs={q: med / times[q][0] for q in times if q != p},
-                              rel_err=err if p == "ours" else None, roofline_pct=roof))
+                              rel_err=errs.get(p), roofline_pct=roof))
     return out

@@ -64,7 +64,9 @@ def test_multi_lora_and_moe_smoke(device):
     assert ours and all(r.rel_err < 1e-5 for r in ours)
     assert any(r.tokens_per_s for r in rows) and "tokens/s" in common.markdown(rows)
     rows = moe.run_dc(moe.SMOKE_DC, timer) + moe.run_layer(moe.SMOKE_LAYER, timer)
-    assert {r.provider for r in rows} == {"index", "onehot", "ours", "eager"}
+    assert {r.provider for r in rows} == {"index", "onehot", "ours", "eager", "padded", "grouped", "floor"}
+    assert {r.shape for r in rows if r.provider == "grouped" and r.rel_err is not None} == \
+        {s.label for s in moe.SMOKE_LAYER}, "the grouped path is checked at every layer shape"
     assert all(r.rel_err < 1e-5 for r in rows if r.rel_err is not None)
 
 

@@ -82,8 +82,9 @@ def _check_same_routing(single, sharded, allx, mine, name):
     with torch.no_grad():
         logits = torch.nn.functional.linear(allx[mine], sharded.router.weight)
         all_logits, offsets = parallel.gather_logits(logits, sharded.expert_shard)
-        got = sharded._route(all_logits, sharded.group_size or offsets[-1])
-        want = single._route(torch.nn.functional.linear(allx, single.router.weight), single.group_size or len(allx))
+        got = sharded._route(all_logits, sharded.group_size or offsets[-1], sharded.group_size)
+        want = single._route(torch.nn.functional.linear(allx, single.router.weight), single.group_size or len(allx),
+                             single.group_size)
     assert torch.equal(got[1], want[1]), f"{name}: token choices / drops differ"
     assert torch.equal(got[0], want[0]), f"{name}: gates differ"
 

@@ -5,13 +5,15 @@ launch.py     gather / segment-sum launchers (the only importer of kernels/ and 
 reference.py  the ops in plain PyTorch, and the one-hot formulation
 op.py         torch.library ops posttrain_kernels::moe_dispatch / moe_segment_sum / moe_combine_bwd
 function.py   MoEDispatchFunction, MoECombineFunction, moe_dispatch, moe_combine (argument checks)
-layer.py      Experts, ExpertChoiceMoE, TopKMoE
+layer.py      Experts, ExpertChoiceMoE, TopKMoE (router families, shared experts, per-sequence groups)
+hf.py         from_hf / convert_moe: Hugging Face MoE blocks as TopKMoE layers
 upcycle.py    upcycle_mlp, upcycle_model
 parallel.py   expert parallelism: experts sharded over a process group, tokens exchanged with all_to_all
 """
 from .function import MoECombineFunction, MoEDispatchFunction, moe_combine, moe_dispatch  # noqa: F401
-from .layer import ExpertChoiceMoE, Experts, TopKMoE  # noqa: F401
+from .hf import convert_moe, from_hf  # noqa: F401
+from .layer import ClampedSwiGLU, ExpertChoiceMoE, Experts, SharedExpert, TopKMoE  # noqa: F401
 from .routing import (capacity_from_factor, expert_choice_route, load_balancing_loss, router_z_loss,  # noqa: F401
-                      topk_route)
+                      select_experts, topk_route)
 from .parallel import expert_parallel_parameter_names  # noqa: F401
 from .upcycle import upcycle_mlp, upcycle_model  # noqa: F401

@@ -3,8 +3,9 @@
 ``ExpertChoiceMoE``: each expert takes its top ``ceil(C·n/E)`` tokens.
 ``TopKMoE``: each token goes to its top-K experts, each expert keeps at most
 ``ceil(C·K·n/E)``. Both route in fp32, dispatch with ``moe_dispatch``, run the
-experts as one batched GEMM over ``[E, capacity, d]`` and combine with
-``moe_combine``: static shapes, no host synchronisation.
+experts as batched GEMMs over ``[E, capacity, d]`` (``expert_gemm="padded"``)
+or as grouped GEMMs over the kept slots only (``"grouped"``, ``grouped.py``)
+and combine with ``moe_combine``: static shapes, no host synchronisation.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import torch
 from torch import nn
 
 from ..common import autocast_dtype, check
+from . import grouped
 from .function import moe_combine, moe_dispatch
-from .routing import (DROP_ORDERS, capacity_from_factor, expert_choice_route, load_balancing_loss, router_z_loss,
-                      topk_route)
+from .routing import (DROP_ORDERS, SCORINGS, capacity_from_factor, expert_choice_route, load_balancing_loss,
+                      router_z_loss, select_experts, topk_route)
 
+EXPERT_GEMMS = ("auto", "padded", "grouped")
 ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
                "silu": lambda: nn.SiLU(), "relu": lambda: nn.ReLU()}
 
@@ -32,17 +35,41 @@ def _activation(act: Union[str, nn.Module]) -> nn.Module:
     return ACTIVATIONS[act]()
 
 
+class ClampedSwiGLU(nn.Module):
+    """GPT-OSS's gated activation of (gate, up): ``(clamp(up, ±limit) + 1) ·
+    g·sigmoid(alpha·g)`` with ``g = clamp(gate, max=limit)``."""
+
+    takes_gate_and_up = True
+
+    def __init__(self, alpha: float = 1.702, limit: float = 7.0):
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+
 class Experts(nn.Module):
     """E expert MLPs stored stacked, run as batched GEMMs over ``[E, C, d]``.
 
-    Plain: ``act(h·w1 + b1)·w2 + b2``. Gated (Llama): ``(act(h·w_gate) * h·w_up)·w_down``.
+    Plain: ``act(h·w1 + b1)·w2 + b2``. Gated (Llama): ``(act(h·w_gate) * h·w_up)·w_down``,
+    or ``act(h·w_gate, h·w_up)`` for an activation of the pair (``ClampedSwiGLU``).
     Weights are ``[E, in, out]`` so that ``torch.baddbmm`` takes them as they are.
+    ``dropout`` acts on the output (GPT-2's MLP) or, with
+    ``dropout_position="hidden"``, between the two GEMMs (fc1/fc2 and T5 MLPs).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, gated: bool, activation="gelu",
-                 bias: bool = True, dropout: float = 0.0, device=None, dtype=None):
+                 bias: bool = True, dropout: float = 0.0, device=None, dtype=None, dropout_position: str = "output"):
         super().__init__()
-        self.gated = gated
+        check(dropout_position in ("output", "hidden"), "dropout_position",
+              f"expected 'output' or 'hidden', got {dropout_position!r}")
+        self.gated, self.dropout_position = gated, dropout_position
         kw = dict(device=device, dtype=dtype)
         E = num_experts
         if gated:
@@ -65,31 +92,93 @@ class Experts(nn.Module):
     def _mm(h, w, b):
         return torch.bmm(h, w) if b is None else torch.baddbmm(b, h, w)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            a = self.act(self._mm(h, self.w_gate, self.b_gate)) * self._mm(h, self.w_up, self.b_up)
+    def forward(self, h: torch.Tensor, offs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``h [E, C, d]`` → ``[E, C, d]`` (batched GEMMs over every slot),
+        or, with ``offs``, ``h [M, d]`` packed by expert (``grouped.py``) →
+        ``[M, d]`` as grouped GEMMs over the kept rows only."""
+        if offs is None:
+            mm = self._mm
         else:
-            a = self.act(self._mm(h, self.w1, self.b1))
-        return self.dropout(self._mm(a, self.w2, self.b2))
+            rows = grouped.row_experts(offs, h.shape[0]) if self.b2 is not None else None
+            mm = lambda a, w, b: grouped.grouped_linear(a, w, offs, b, rows)  # noqa: E731
+        if self.gated:
+            gate, up = mm(h, self.w_gate, self.b_gate), mm(h, self.w_up, self.b_up)
+            a = self.act(gate, up) if getattr(self.act, "takes_gate_and_up", False) else self.act(gate) * up
+        else:
+            a = self.act(mm(h, self.w1, self.b1))
+        if self.dropout_position == "hidden":
+            return mm(self.dropout(a), self.w2, self.b2)
+        return self.dropout(mm(a, self.w2, self.b2))
+
+
+class SharedExpert(nn.Module):
+    """A dense MLP every token goes through, beside the routed experts
+    (Qwen2-MoE, DeepSeek, Ernie 4.5, Llama 4): one ``Experts`` of one expert."""
+
+    def __init__(self, d_model: int, d_hidden: int, gated: bool, activation, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.mlp = Experts(1, d_model, d_hidden, gated, activation, bias, 0.0, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x[None])[0]
 
 
 class _MoEBase(nn.Module):
+    """What both routers share: the router (fp32), the experts, routing groups
+    and capacity, shared experts, and the expert-parallel path."""
+
     def __init__(self, d_model, d_hidden, num_experts, capacity_factor, gated, activation, bias, dropout,
-                 group_size, capacity_multiple, device, dtype, backend=None):
+                 group_size, capacity_multiple, device, dtype, backend=None, *, capacity=None, group_by=None,
+                 scoring="softmax", router_bias=False, jitter=0.0, shared_hidden=None, shared_gate=False,
+                 dropout_position="output", expert_gemm="auto", token_dropout=0.0, eval_capacity_fraction=None):
         super().__init__()
         self.backend = backend  # None/"auto", "triton" or "reference" (ops/backend.py)
-        if num_experts < 1:
-            raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor: expected > 0, got {capacity_factor}")
+        check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", f"expected >= 1, got {num_experts!r}")
+        check(capacity_factor > 0, "capacity_factor", f"expected > 0, got {capacity_factor!r}")
+        check(capacity is None or (isinstance(capacity, int) and capacity >= 1), "capacity",
+              f"expected a positive int (slots per expert and group) or None, got {capacity!r}")
+        check(group_by in (None, "sequence"), "group_by", f"expected None or 'sequence', got {group_by!r}")
+        check(group_by is None or group_size is None, "group_size", "give group_size or group_by, not both")
+        check(scoring in SCORINGS, "scoring", f"expected one of {SCORINGS}, got {scoring!r}")
+        check(0.0 <= jitter < 1.0, "jitter", f"expected a noise level in [0, 1), got {jitter!r}")
+        check(expert_gemm in EXPERT_GEMMS, "expert_gemm", f"expected one of {EXPERT_GEMMS}, got {expert_gemm!r}")
+        check(0.0 <= token_dropout < 1.0, "token_dropout", f"expected a rate in [0, 1), got {token_dropout!r}")
+        check(eval_capacity_fraction is None or eval_capacity_fraction > 0, "eval_capacity_fraction",
+              f"expected a positive fraction of the tokens or None, got {eval_capacity_fraction!r}")
         self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
         self.capacity_factor, self.group_size, self.capacity_multiple = capacity_factor, group_size, capacity_multiple
+        self.fixed_capacity, self.group_by, self.scoring, self.jitter = capacity, group_by, scoring, jitter
+        self.expert_gemm, self.token_dropout, self.eval_capacity_fraction = (expert_gemm, token_dropout,
+                                                                              eval_capacity_fraction)
         # The router runs in fp32 whatever the experts' dtype, initialised N(0, 0.02).
-        self.router = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=torch.float32)
+        self.router = nn.Linear(d_model, num_experts, bias=router_bias, device=device, dtype=torch.float32)
         nn.init.normal_(self.router.weight, std=0.02)
-        self.experts = Experts(num_experts, d_model, d_hidden, gated, activation, bias, dropout, device, dtype)
+        if router_bias:
+            nn.init.zeros_(self.router.bias)
+        self.experts = Experts(num_experts, d_model, d_hidden, gated, activation, bias, dropout, device, dtype,
+                               dropout_position)
+        self.shared_expert = (SharedExpert(d_model, shared_hidden, gated, activation, bias, device, dtype)
+                              if shared_hidden else None)
+        self.shared_expert_gate = (nn.Linear(d_model, 1, bias=False, device=device, dtype=dtype)
+                                   if shared_gate else None)
+        self.gate_input = False  # the gate scales the expert's input, not its output (Llama 4)
+        self.tuple_output = False  # return (y, router logits), as some Hugging Face blocks do
         self.aux_losses: dict = {}
         self.expert_shard = None  # set by shard_experts: this rank's share of the experts
+
+    def _groups(self, x: torch.Tensor, n: int) -> Optional[int]:
+        """The routing group size of this call: fixed, one per sequence
+        (``group_by="sequence"``: x's second-to-last dim), or all n tokens."""
+        if self.group_by == "sequence":
+            return x.shape[-2] if x.dim() >= 3 else n
+        return self.group_size
+
+    def _capacity(self, n_group: int, k: int) -> int:
+        if not self.training and self.eval_capacity_fraction is not None:  # NLLB-MoE's eval capacity
+            return max(1, math.ceil(self.eval_capacity_fraction * n_group))
+        if self.fixed_capacity is not None:
+            return self.fixed_capacity
+        return capacity_from_factor(n_group, self.num_experts, self.capacity_factor, k, self.capacity_multiple)
 
     def shard_experts(self, group=None, exchange: str = "exact", grad_reduction: str = "mean") -> "_MoEBase":
         """Expert parallelism: keep this rank's ``num_experts // world``
@@ -109,7 +198,11 @@ class _MoEBase(nn.Module):
         shard_experts(self, group, exchange, grad_reduction)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """``x [..., d_model]`` → the same shape (``(y, router logits)``
+        with ``tuple_output``). ``padding_mask`` is accepted for the blocks
+        whose callers pass one (NLLB-MoE) and not used: padding tokens are
+        routed like the others."""
         check(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] == self.d_model, "x",
               f"expected [..., d_model={self.d_model}], got shape {tuple(getattr(x, 'shape', ()))}")
         flat = x.reshape(-1, self.d_model)
@@ -118,16 +211,58 @@ class _MoEBase(nn.Module):
         # autocast, and the output has the dtype an nn.Linear there would give.
         amp = autocast_dtype(x.device)
         with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
-            logits = torch.nn.functional.linear(flat.float(), self.router.weight)
+            router_in = flat.float()
+            if self.training and self.jitter > 0:  # Switch's multiplicative noise on the router's input
+                router_in = router_in * torch.empty_like(router_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = self.router(router_in)
         if self.expert_shard is not None:
             y = self._forward_sharded(flat, logits)
         else:
-            gates, token_idx = self._route(logits, self.group_size or n)  # defined by each subclass
+            n_group = self._groups(x, n)
+            gates, token_idx = self._route(logits, n_group or n, n_group)  # defined by each subclass
             self.aux_losses = self._aux(logits)
-            h = moe_dispatch(flat, token_idx, backend=self.backend)
-            out = self.experts(h.to(self.experts.w2.dtype))
-            y = moe_combine(out, token_idx, gates, n, backend=self.backend)
-        return y.to(amp or x.dtype).reshape(x.shape)
+            y = self._experts_and_combine(flat, gates, token_idx, n)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            y = y + shared.to(y.dtype)
+        y = y.to(amp or x.dtype).reshape(x.shape)
+        return (y, logits) if self.tuple_output else y
+
+    def uses_grouped_gemm(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` runs the experts as grouped GEMMs over the
+        kept slots: ``expert_gemm="grouped"`` (an error where PyTorch's
+        grouped GEMM cannot run), or ``"auto"`` on CUDA where it can
+        (bf16, compute capability 8.0+, 16-byte aligned dims)."""
+        if self.expert_gemm == "padded":
+            return False
+        w = self.experts.w2
+        amp = autocast_dtype(x.device)
+        ok, why = grouped.grouped_supported(x.device, amp or w.dtype, self.d_model, self.d_hidden)
+        ok = ok and (amp is None or amp == w.dtype)
+        if self.expert_gemm == "grouped":
+            check(ok, "expert_gemm", f"'grouped' cannot run here: {why or 'autocast to another dtype'}")
+            return True
+        return ok and x.device.type == "cuda"
+
+    def _experts_and_combine(self, flat, gates, token_idx, n):
+        offs = None
+        if self.uses_grouped_gemm(flat):
+            token_idx, gates, offs = grouped.pack_slots(token_idx, gates)
+        h = moe_dispatch(flat, token_idx, backend=self.backend).to(self.experts.w2.dtype)
+        if self.gate_input:  # the gate scales what the expert sees; the outputs then add up unweighted
+            h = h * gates[..., None].to(h.dtype)
+            gates = (token_idx >= 0).to(gates.dtype)
+        out = self._expert_outputs(h) if offs is None else self._expert_outputs(h[0], offs)[None]
+        return moe_combine(out, token_idx, gates, n, backend=self.backend)
+
+    def _expert_outputs(self, h, offs=None):
+        out = self.experts(h, offs)
+        if self.token_dropout:  # NLLB-MoE: dropout on each expert output, its expectation in eval
+            out = (nn.functional.dropout(out, self.token_dropout) if self.training
+                   else out * (1.0 - self.token_dropout))
+        return out
 
     def _forward_sharded(self, flat: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The expert-parallel forward (``ops/moe/parallel.py``): route over
@@ -135,11 +270,13 @@ class _MoEBase(nn.Module):
         from . import parallel
         shard = self.expert_shard
         all_logits, offsets = parallel.gather_logits(logits, shard)
-        gates, token_idx = self._route(all_logits, self.group_size or offsets[-1])
+        check(self.group_by is None, "group_by", "per-sequence groups are not supported with sharded experts")
+        gates, token_idx = self._route(all_logits, self.group_size or offsets[-1], self.group_size)
         self.aux_losses = self._aux(all_logits)
         plan = parallel.plan_exchange(token_idx, offsets, shard)
+        check(not self.gate_input, "gate_input", "not supported with sharded experts")
         h = parallel.dispatch(flat, plan, token_idx.shape[1], shard, self.backend)
-        out = self.experts(h.to(self.experts.w2.dtype))
+        out = self._expert_outputs(h.to(self.experts.w2.dtype))
         return parallel.combine(out, gates, token_idx, plan, flat.shape[0], shard, self.backend)
 
 
@@ -156,17 +293,21 @@ class ExpertChoiceMoE(_MoEBase):
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, capacity_factor: float = 2.0,
                  gated: bool = False, activation="gelu", bias: bool = True, dropout: float = 0.0,
                  group_size: Optional[int] = None, capacity_multiple: int = 1, device=None, dtype=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, *, capacity: Optional[int] = None, group_by: Optional[str] = None,
+                 scoring: str = "softmax", shared_hidden: Optional[int] = None, shared_gate: bool = False,
+                 dropout_position: str = "output", expert_gemm: str = "auto"):
         super().__init__(d_model, d_hidden, num_experts, capacity_factor, gated, activation, bias, dropout,
-                         group_size, capacity_multiple, device, dtype, backend)
+                         group_size, capacity_multiple, device, dtype, backend, capacity=capacity, group_by=group_by,
+                         scoring=scoring, shared_hidden=shared_hidden, shared_gate=shared_gate,
+                         dropout_position=dropout_position, expert_gemm=expert_gemm)
 
     def capacity(self, n_group: int) -> int:
         """Slots per expert and routing group; slots beyond the group's token
         count stay empty."""
-        return capacity_from_factor(n_group, self.num_experts, self.capacity_factor, 1, self.capacity_multiple)
+        return self._capacity(n_group, 1)
 
-    def _route(self, logits, n_group):
-        return expert_choice_route(logits, self.capacity(n_group), self.group_size)
+    def _route(self, logits, n_group, group_size):
+        return expert_choice_route(logits, self.capacity(n_group), group_size, scoring=self.scoring)
 
     def _aux(self, logits):
         return {"z_loss": router_z_loss(logits)}
@@ -189,54 +330,54 @@ class TopKMoE(_MoEBase):
                  capacity_factor: float = 1.25, gated: bool = True, activation="silu", bias: bool = False,
                  dropout: float = 0.0, normalize: bool = True, group_size: Optional[int] = None,
                  capacity_multiple: int = 1, drop_order: str = "position", device=None, dtype=None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, *, capacity: Optional[int] = None, group_by: Optional[str] = None,
+                 scoring: str = "softmax", score_over: str = "experts", selection_bias: bool = False,
+                 n_group: Optional[int] = None, topk_group: Optional[int] = None, group_score: str = "max",
+                 norm_p: float = 1.0, norm_min: float = 0.0, norm_eps: float = 0.0,
+                 routed_scaling_factor: float = 1.0, renormalize_after_drop: bool = False,
+                 router_bias: bool = False, jitter: float = 0.0, gate_input: bool = False,
+                 shared_hidden: Optional[int] = None, shared_gate: bool = False, dropout_position: str = "output",
+                 expert_gemm: str = "auto", token_dropout: float = 0.0,
+                 eval_capacity_fraction: Optional[float] = None):
         super().__init__(d_model, d_hidden, num_experts, capacity_factor, gated, activation, bias, dropout,
-                         group_size, capacity_multiple, device, dtype, backend)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k: expected in [1, {num_experts}], got {top_k}")
-        if drop_order not in DROP_ORDERS:
-            raise ValueError(f"drop_order: expected one of {DROP_ORDERS}, got {drop_order!r}")
+                         group_size, capacity_multiple, device, dtype, backend, capacity=capacity, group_by=group_by,
+                         scoring=scoring, router_bias=router_bias, jitter=jitter, shared_hidden=shared_hidden,
+                         shared_gate=shared_gate, dropout_position=dropout_position, expert_gemm=expert_gemm,
+                         token_dropout=token_dropout, eval_capacity_fraction=eval_capacity_fraction)
+        check(isinstance(top_k, int) and 1 <= top_k <= num_experts, "top_k",
+              f"expected an int in [1, {num_experts}], got {top_k!r}")
+        check(drop_order in DROP_ORDERS, "drop_order", f"expected one of {DROP_ORDERS}, got {drop_order!r}")
         self.top_k, self.normalize, self.drop_order = top_k, normalize, drop_order
+        self.renormalize_after_drop, self.gate_input = renormalize_after_drop, gate_input
+        # e_score_correction_bias: chooses the experts, does not weight them (DeepSeek-V3, Ernie 4.5, LFM2)
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(num_experts, dtype=torch.float32, device=device) if selection_bias else None)
+        self.router_options = dict(scoring=scoring, score_over=score_over, n_group=n_group, topk_group=topk_group,
+                                   group_score=group_score, norm_p=norm_p, norm_min=norm_min, norm_eps=norm_eps,
+                                   routed_scaling_factor=routed_scaling_factor)
+        select_experts(torch.zeros(1, num_experts), top_k, normalize=normalize, **self.router_options)  # checks
 
     def capacity(self, n_group: int) -> int:
-        return capacity_from_factor(n_group, self.num_experts, self.capacity_factor, self.top_k,
-                                    self.capacity_multiple)
+        return self._capacity(n_group, self.top_k)
 
-    def _route(self, logits, n_group):
-        return topk_route(logits, self.top_k, self.capacity(n_group), self.group_size, self.normalize,
-                          self.drop_order)
+    def _route(self, logits, n_group, group_size):
+        return topk_route(logits, self.top_k, self.capacity(n_group), group_size, self.normalize, self.drop_order,
+                          renormalize_after_drop=self.renormalize_after_drop,
+                          selection_bias=self.e_score_correction_bias, **self.router_options)
 
     def _aux(self, logits):
         return {"z_loss": router_z_loss(logits), "load_balancing_loss": load_balancing_loss(logits, self.top_k)}
 
     @classmethod
+    def from_hf(cls, block: nn.Module, capacity_factor: Optional[float] = None) -> "TopKMoE":
+        """The layer computing a Hugging Face MoE block's function; see
+        ``posttrain_kernels.ops.moe.hf.from_hf`` for the supported blocks."""
+        from .hf import from_hf
+        return from_hf(block, capacity_factor)
+
+    @classmethod
     def from_mixtral(cls, block: nn.Module, capacity_factor: Optional[float] = None) -> "TopKMoE":
-        """Convert a Hugging Face Mixtral sparse MoE block (transformers 4.x
-        ``experts`` ModuleList of w1/w2/w3, or 5.x fused ``gate_up_proj`` /
-        ``down_proj``). The default capacity factor, E / top_k, drops no token,
-        so the converted layer computes the block's function."""
-        gate = block.gate
-        router_w = gate.weight
-        E, d = router_w.shape
-        top_k = getattr(block, "top_k", None) or getattr(gate, "top_k")
-        experts = block.experts
-        if hasattr(experts, "gate_up_proj"):  # transformers >= 5: [E, 2F, d] and [E, d, F]
-            F_ = experts.gate_up_proj.shape[1] // 2
-            w_gate = experts.gate_up_proj[:, :F_, :].transpose(1, 2)
-            w_up = experts.gate_up_proj[:, F_:, :].transpose(1, 2)
-            w_down = experts.down_proj.transpose(1, 2)
-            act = experts.act_fn
-        else:  # transformers 4.x: ModuleList of (w1 gate, w3 up, w2 down) Linears
-            w_gate = torch.stack([e.w1.weight.t() for e in experts])
-            w_up = torch.stack([e.w3.weight.t() for e in experts])
-            w_down = torch.stack([e.w2.weight.t() for e in experts])
-            F_ = w_gate.shape[-1]
-            act = experts[0].act_fn
-        layer = cls(d, F_, E, top_k=top_k, capacity_factor=capacity_factor or E / top_k, gated=True,
-                    activation=act, bias=False, normalize=True, device=w_gate.device, dtype=w_gate.dtype)
-        with torch.no_grad():
-            layer.router.weight.copy_(router_w.float())
-            layer.experts.w_gate.copy_(w_gate)
-            layer.experts.w_up.copy_(w_up)
-            layer.experts.w2.copy_(w_down)
-        return layer
+        """``from_hf`` for a Mixtral block (transformers 4.x ModuleList of
+        w1/w2/w3 experts, or 5.x fused ``gate_up_proj`` / ``down_proj``)."""
+        from .hf import from_hf
+        return from_hf(block, capacity_factor)

@@ -56,4 +56,7 @@ def moe_combine_bwd_ref(dy: torch.Tensor, expert_out: torch.Tensor, token_idx: t
     """(d expert_out [E, C, d], d gates [E, C] fp32) of ``moe_combine_ref``."""
     gathered = moe_dispatch_ref(dy.float(), token_idx)
     dout = (gathered * gates.float()[..., None]).to(expert_out.dtype)
-    return dout, (gathered * expert_out.float()).sum(-1)
+    # Empty slots get 0 whatever expert_out holds there (undefined rows of the grouped path)
+    valid = _valid(token_idx, dy.shape[0])
+    dgates = torch.where(valid, (gathered * torch.where(valid[..., None], expert_out.float(), 0.0)).sum(-1), 0.0)
+    return dout, dgates
