@@ -2,8 +2,8 @@
 packing, the grouped GEMM and bias Functions against per-expert loops in
 fp64, the whole layer against the padded (baddbmm) path on both backends,
 every gradient, empty experts, undefined rows that must not leak, and
-determinism. On CPU PyTorch's grouped GEMM takes fp32; the bf16 CUDA path
-runs in tests/test_gpu.py."""
+determinism, torch.compile. The bf16 CUDA path runs in
+tests/test_moe_gpu.py."""
 import pytest
 import torch
 
@@ -124,9 +124,27 @@ def test_when_the_grouped_path_runs():
     layer = pk.TopKMoE(16, 24, 4)
     x = torch.randn(5, 16)
     assert layer.expert_gemm == "auto" and not layer.uses_grouped_gemm(x), "auto: CUDA only"
-    for dims, dtype, match in (((16, 24), torch.float16, "float32"), ((16, 18), torch.float32, "multiples of 4")):
+    for dims, dtype, match in (((16, 24), torch.float64, "float32"), ((16, 18), torch.float32, "multiples of 4")):
         layer = pk.TopKMoE(*dims, 4, expert_gemm="grouped", dtype=dtype)
         with pytest.raises(ValueError, match=match):
             layer(torch.randn(5, dims[0], dtype=dtype))
     with pytest.raises(ValueError, match="expert_gemm"):
         pk.TopKMoE(16, 24, 4, expert_gemm="fast")
+
+
+def test_compile_fullgraph_bf16():
+    """The grouped layer compiles without graph breaks (bf16: the shape
+    function of PyTorch's grouped GEMM takes bf16 only) and gives eager's
+    output and gradients to bf16 rounding (normwise)."""
+    torch.manual_seed(0)
+    layer = pk.TopKMoE(16, 32, 4, top_k=2, bias=True, expert_gemm="grouped", backend="reference",
+                       dtype=torch.bfloat16)
+    x = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    params = [x] + list(layer.parameters())
+    runs = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):
+        y = fn(x)
+        runs.append([y] + list(torch.autograd.grad(y.float().square().sum(), params)))
+    for want, got in zip(*runs):
+        err = (got.float() - want.float()).norm() / want.float().norm()
+        assert err < 2e-2, f"relative error {err:.1e}"

@@ -18,8 +18,9 @@ scheduling. The incoming gradient is made dense first (``grouped_mm`` refuses
 the stride-0 gradients of ``sum()``).
 
 Where ``grouped_mm`` runs: PyTorch documents bf16 on CUDA devices of compute
-capability 8.0 and up; its CPU implementation takes fp32 (what the tests
-use). Every operand needs 16-byte aligned strides, so ``d_model`` and
+capability 8.0 and up; its CPU implementation takes fp32, bf16 and fp16
+(the tests use fp32, and bf16 for ``torch.compile``, whose shape function
+accepts bf16 only). Every operand needs 16-byte aligned strides, so ``d_model`` and
 ``d_hidden`` must be multiples of 16 bytes' worth of elements.
 """
 from __future__ import annotations
@@ -47,8 +48,8 @@ def grouped_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> t
         if torch.cuda.get_device_capability(device) < (8, 0):
             return False, "grouped_mm needs a CUDA device of compute capability 8.0 or newer"
     elif device.type == "cpu":
-        if dtype != torch.float32:
-            return False, f"grouped_mm on CPU takes float32, got {dtype}"
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False, f"grouped_mm on CPU takes float32, bfloat16 or float16, got {dtype}"
     else:
         return False, f"grouped_mm does not run on {device.type}"
     per16 = 16 // torch.empty((), dtype=dtype).element_size()
