@@ -173,21 +173,31 @@ def _lfm2(block):
 
 def _switch(block):
     router, experts = block.router, block.experts
-    E = router.num_experts
-    dense = [experts[f"expert_{i}"] for i in range(E)]
-    w1 = torch.stack([e.wi.weight.t() for e in dense])
-    w2 = torch.stack([e.wo.weight.t() for e in dense])
-    cls = router.classifier
-    layer = TopKMoE(w1.shape[1], w1.shape[2], E, top_k=1, gated=False, activation=dense[0].act, bias=False,
-                    normalize=False, capacity=router.expert_capacity, group_by="sequence",
-                    router_bias=cls.bias is not None, jitter=router.jitter_noise or 0.0,
-                    dropout=dense[0].dropout.p, dropout_position="hidden", device=w1.device, dtype=w1.dtype)
+    dense = [experts[f"expert_{i}"] for i in range(router.num_experts)]
+    return _per_expert(router.classifier, [e.wi for e in dense], [e.wo for e in dense], top_k=1,
+                       activation=dense[0].act, normalize=False, capacity=router.expert_capacity, group_by="sequence",
+                       jitter=router.jitter_noise or 0.0, dropout=dense[0].dropout.p)
+
+
+def _per_expert(classifier: nn.Linear, fc_in: list, fc_out: list, **options) -> TopKMoE:
+    """A plain (not gated) TopKMoE from a router Linear and each expert's two
+    Linears (Switch's wi / wo, NLLB's fc1 / fc2), biases where they have them;
+    dropout between the GEMMs, as both apply it."""
+    w1 = torch.stack([m.weight.t() for m in fc_in])
+    w2 = torch.stack([m.weight.t() for m in fc_out])
+    bias = fc_in[0].bias is not None
+    layer = TopKMoE(w1.shape[1], w1.shape[2], len(fc_in), gated=False, bias=bias,
+                    router_bias=classifier.bias is not None, dropout_position="hidden", device=w1.device,
+                    dtype=w1.dtype, **options)
     with torch.no_grad():
-        layer.router.weight.copy_(cls.weight.float())
-        if cls.bias is not None:
-            layer.router.bias.copy_(cls.bias.float())
+        layer.router.weight.copy_(classifier.weight.float())
+        if classifier.bias is not None:
+            layer.router.bias.copy_(classifier.bias.float())
         layer.experts.w1.copy_(w1)
         layer.experts.w2.copy_(w2)
+        if bias:
+            layer.experts.b1.copy_(torch.stack([m.bias for m in fc_in])[:, None])
+            layer.experts.b2.copy_(torch.stack([m.bias for m in fc_out])[:, None])
     return layer
 
 
@@ -200,29 +210,16 @@ def _nllb(block):
     if router.second_expert_policy != "all":
         raise ValueError(f"block: NLLB-MoE second_expert_policy {router.second_expert_policy!r} samples the second "
                          "expert; only 'all' converts")
-    E = router.num_experts
-    dense = [experts[f"expert_{i}"] for i in range(E)]
-    w1 = torch.stack([e.fc1.weight.t() for e in dense])
-    w2 = torch.stack([e.fc2.weight.t() for e in dense])
-    cls = router.classifier
+    dense = [experts[f"expert_{i}"] for i in range(router.num_experts)]
     before = bool(router.normalize_router_prob_before_dropping)
     fraction = router.moe_eval_capacity_token_fraction
-    layer = TopKMoE(w1.shape[1], w1.shape[2], E, top_k=2, gated=False, activation=dense[0].act, bias=True,
-                    normalize=before, renormalize_after_drop=not before, capacity=router.expert_capacity,
-                    capacity_factor=1.0, capacity_multiple=2,  # no expert_capacity: 2·ceil(n / E), as NLLB
-                    eval_capacity_fraction=fraction if fraction > 0 else None,
-                    drop_order="probability" if router.batch_prioritized_routing else "position",
-                    router_bias=cls.bias is not None, dropout=dense[0].dropout.p, dropout_position="hidden",
-                    token_dropout=experts.moe_token_dropout, device=w1.device, dtype=w1.dtype)
-    with torch.no_grad():
-        layer.router.weight.copy_(cls.weight.float())
-        if cls.bias is not None:
-            layer.router.bias.copy_(cls.bias.float())
-        layer.experts.w1.copy_(w1)
-        layer.experts.w2.copy_(w2)
-        layer.experts.b1.copy_(torch.stack([e.fc1.bias for e in dense])[:, None])
-        layer.experts.b2.copy_(torch.stack([e.fc2.bias for e in dense])[:, None])
-    return layer
+    return _per_expert(router.classifier, [e.fc1 for e in dense], [e.fc2 for e in dense], top_k=2,
+                       activation=dense[0].act, normalize=before, renormalize_after_drop=not before,
+                       capacity=router.expert_capacity,
+                       capacity_factor=1.0, capacity_multiple=2,  # no expert_capacity: 2·ceil(n / E), as NLLB
+                       eval_capacity_fraction=fraction if fraction > 0 else None,
+                       drop_order="probability" if router.batch_prioritized_routing else "position",
+                       dropout=dense[0].dropout.p, token_dropout=experts.moe_token_dropout)
 
 
 CONVERTERS = {
