@@ -26,6 +26,10 @@ def _family(name):
                                                    num_experts_per_tok=2, norm_topk_prob=True))
     elif name == "olmoe":
         m = t.OlmoeForCausalLM(t.OlmoeConfig(**COMMON, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False))
+    elif name == "jamba":  # attention in every layer: no Mamba kernels needed
+        m = t.JambaForCausalLM(t.JambaConfig(**COMMON, num_experts=4, num_experts_per_tok=2, expert_layer_period=1,
+                                             expert_layer_offset=0, attn_layer_period=1, attn_layer_offset=0,
+                                             use_mamba_kernels=False))
     elif name == "granitemoe":
         m = t.GraniteMoeForCausalLM(t.GraniteMoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2))
     elif name == "dbrx":
@@ -66,7 +70,7 @@ def _family(name):
     return m.eval(), blocks[0]
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dbrx", "ernie4_5_moe", "deepseek_v2",
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jamba", "granitemoe", "dbrx", "ernie4_5_moe", "deepseek_v2",
             "deepseek_v3", "gpt_oss", "llama4", "lfm2_moe"]
 
 
