@@ -52,7 +52,7 @@ def grouped_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> t
             return False, f"grouped_mm on CPU takes float32, bfloat16 or float16, got {dtype}"
     else:
         return False, f"grouped_mm does not run on {device.type}"
-    per16 = 16 // torch.empty((), dtype=dtype).element_size()
+    per16 = 16 // dtype.itemsize
     bad = [d for d in dims if d % per16]
     if bad:
         return False, f"grouped_mm needs dims that are multiples of {per16} for {dtype} (16-byte strides), got {bad}"

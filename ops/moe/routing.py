@@ -198,10 +198,9 @@ def topk_route(router_logits: Tensor, top_k: int, capacity: int, group_size: Opt
     position = (torch.cumsum(onehot, dim=1) - 1).gather(2, choice[..., None])[..., 0]  # [G, K·g]
     keep = position < capacity
     if renormalize_after_drop:  # each token's kept weights, rescaled to sum to 1
-        kept = torch.where(keep, value, 0.0)
-        total = torch.zeros(G * g, dtype=kept.dtype, device=kept.device).index_add_(0, token.reshape(-1),
-                                                                                   kept.reshape(-1))
-        value = kept / total[token].clamp_min(torch.finfo(kept.dtype).eps)
+        kept = torch.where(keep, value, 0.0)  # [G, K·g]: choice rank major, the same token order in each rank
+        total = kept.reshape(G, K, g).sum(1).repeat(1, K)
+        value = kept / total.clamp_min(torch.finfo(kept.dtype).eps)
     # Each kept assignment owns a distinct slot, so the scatter has no
     # collisions; dropped ones go to a sink slot that is cut off.
     slot = choice * capacity + position
