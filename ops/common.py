@@ -120,6 +120,18 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def weight_out_in(linear: nn.Module) -> torch.Tensor:
+    """The weight of an ``nn.Linear`` or a ``Conv1D`` as ``[out, in]`` (a view for Conv1D)."""
+    return linear.weight.t() if is_conv1d(linear) else linear.weight
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 class FrozenLinearWrapper(nn.Module):
     """Base of the layers that wrap a linear layer (``nn.Linear``, or
     transformers' ``Conv1D`` whose weight is ``[in, out]``) whose weight and
@@ -143,10 +155,7 @@ class FrozenLinearWrapper(nn.Module):
         (a Conv1D's ``[in, out]`` weight is kept as it is: state-dict keys and
         shapes stay the model's own)."""
         self.fan_in_fan_out = is_conv1d(linear)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = linear.weight.shape
-        else:
-            self.out_features, self.in_features = linear.weight.shape
+        self.out_features, self.in_features = weight_out_in(linear).shape
         linear.weight.requires_grad_(False)
         self.register_parameter("weight", linear.weight)
         if linear.bias is not None:

@@ -25,17 +25,11 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper, is_conv1d, is_linear, lora_scale
+from ..common import MAX_RANK, FrozenLinearWrapper, is_linear, lora_scale, set_submodule, weight_out_in
 from ..lora.layer import LoRALinear
 from .format import check_config, matches_target, read_adapter_file, validate_adapter, write_adapter
 
 _ORIGINALS = "_posttrain_modules_to_save_originals"
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _default_targets(model: nn.Module) -> list[str]:
@@ -161,7 +155,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     shapes = {}
     for name, m in model.named_modules():
         if (is_linear(m) or isinstance(m, LoRALinear)) and not _inside_lora(model, name):
-            shapes[name] = (m.in_features, m.out_features) if isinstance(m, LoRALinear) else _in_out(m)
+            shapes[name] = (m.in_features, m.out_features) if isinstance(m, LoRALinear) else \
+                tuple(weight_out_in(m).shape[::-1])
     entries = validate_adapter(config, file.lora, shapes, "which the model lacks (or which is not a Linear)", MAX_RANK)
     for name, params in file.saved_modules.items():
         try:
@@ -202,13 +197,6 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
                 own[p].copy_(t)
     _keep_trainable(model, list(file.saved_modules))
     return [e.name for e in entries]
-
-
-def _in_out(linear: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an ``nn.Linear`` or a ``Conv1D``."""
-    if is_conv1d(linear):
-        return tuple(linear.weight.shape)
-    return linear.in_features, linear.out_features
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..common import is_conv1d, weight_out_in
 from ..lora.function import lora_linear
 from ..multi_lora.function import multi_lora_linear
 
@@ -39,18 +40,11 @@ def _lora_linear_class():
     return Linear
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def _base_weight(layer) -> Optional[torch.Tensor]:
-    """The base weight as ``[out, in]`` (a view for Conv1D), or None if the base is not a plain linear."""
+    """The base weight as ``[out, in]`` (a view for Conv1D), or None if the
+    base is not a plain linear (a subclass such as a quantized Linear is not)."""
     base = layer.get_base_layer()
-    if type(base) is nn.Linear:
-        return base.weight
-    if _is_conv1d(base):
-        return base.weight.t()
-    return None
+    return weight_out_in(base) if type(base) is nn.Linear or is_conv1d(base) else None
 
 
 def _fallback_reason(layer) -> Optional[str]:

@@ -17,11 +17,11 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..common import check, check_rate, check_values, is_number, lora_alpha_of, lora_scale
+from ..common import check, check_rate, check_values, is_number, lora_alpha_of, lora_scale, set_submodule
 from ..lora.layer import check_init, init_lora_
 from ..multi_lora.layer import MultiLoRALinear
 from .format import check_config, read_adapter, validate_adapter, write_adapter
-from .model import resolve_targets, set_submodule, target_list
+from .model import resolve_targets, target_list
 
 
 class AdapterPool:

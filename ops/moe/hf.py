@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..common import set_submodule
 from .layer import ClampedSwiGLU, TopKMoE
 
 
@@ -257,7 +258,5 @@ def convert_moe(model: nn.Module, capacity_factor: Optional[float] = None) -> li
         raise ValueError("model: has no MoE block this package converts "
                          f"(supported: {', '.join(sorted(CONVERTERS))})")
     for n in names:
-        parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, from_hf(model.get_submodule(n), capacity_factor))
+        set_submodule(model, n, from_hf(model.get_submodule(n), capacity_factor))
     return names

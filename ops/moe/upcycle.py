@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..common import is_linear, weight_out_in
 from .layer import ExpertChoiceMoE, TopKMoE
 
 
@@ -21,11 +22,9 @@ def _dense_weights(mlp: nn.Module):
     activation_fn / act_fn (CLIP, Phi, NLLB-style; dropout between the GEMMs).
     """
     def lin(m):  # (weight [in, out], bias or None) of nn.Linear or HF Conv1D
-        if isinstance(m, nn.Linear):
-            return m.weight.t(), m.bias
-        if type(m).__name__ == "Conv1D":  # HF's transposed linear: weight is [in, out]
-            return m.weight, m.bias
-        raise ValueError(f"mlp: unsupported projection {type(m).__name__}")
+        if not is_linear(m):
+            raise ValueError(f"mlp: unsupported projection {type(m).__name__}")
+        return weight_out_in(m).t(), m.bias
 
     p = 0.0
     drop = getattr(mlp, "dropout", None)

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_conv1d, is_number
+from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_number, weight_out_in
 from .function import multi_lora_linear
 
 
@@ -49,7 +49,7 @@ class MultiLoRALinear(FrozenLinearWrapper):
         if max_adapters < 1 or not 1 <= max_rank <= MAX_RANK:
             raise ValueError(f"max_adapters / max_rank: expected >= 1 and in [1, {MAX_RANK}], got {max_adapters}, "
                              f"{max_rank}")
-        out_features = linear.weight.shape[1] if is_conv1d(linear) else linear.weight.shape[0]
+        out_features = weight_out_in(linear).shape[0]
         if slices is not None and (sum(slices) != out_features or min(slices) < 1):
             raise ValueError(f"slices: expected positive widths summing to {out_features}, got {list(slices)}")
         self.slices = None if slices is None else [int(w) for w in slices]
