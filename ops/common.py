@@ -125,6 +125,14 @@ def weight_out_in(linear: nn.Module) -> torch.Tensor:
     return linear.weight.t() if is_conv1d(linear) else linear.weight
 
 
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """A contiguous copy of ``t`` summed over the ranks of ``group`` (``t`` itself untouched)."""
+    import torch.distributed as dist
+    t = t.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(t, group=group)
+    return t
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")

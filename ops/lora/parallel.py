@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..common import check
+from ..common import all_reduce_sum, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +48,7 @@ class _CopyToShards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        return all_reduce_sum(g, ctx.group), None
 
 
 class _SumShards(torch.autograd.Function):
@@ -58,21 +56,11 @@ class _SumShards(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return all_reduce_sum(x, group)
 
     @staticmethod
     def backward(ctx, g):
         return g, None
-
-
-def _all_reduce_grad(group):
-    def hook(g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=group)
-        return g
-    return hook
 
 
 def shard_lora_linear(layer: nn.Module, group, style: str) -> nn.Module:
@@ -96,12 +84,12 @@ def shard_lora_linear(layer: nn.Module, group, style: str) -> nn.Module:
             if layer.bias is not None:
                 layer.bias = nn.Parameter(layer.bias.detach()[lo:hi].clone(), requires_grad=layer.bias.requires_grad)
             layer.lora_B.weight = nn.Parameter(layer.lora_B.weight.detach()[lo:hi].clone())
-            layer.lora_A.weight.register_hook(_all_reduce_grad(group))
+            layer.lora_A.weight.register_hook(lambda g: all_reduce_sum(g, group))
             layer.out_features = part
         else:
             layer.weight = frozen(W[:, lo:hi])
             layer.lora_A.weight = nn.Parameter(layer.lora_A.weight.detach()[:, lo:hi].clone())
-            layer.lora_B.weight.register_hook(_all_reduce_grad(group))
+            layer.lora_B.weight.register_hook(lambda g: all_reduce_sum(g, group))
             layer.in_features = part
     layer.fan_in_fan_out = False  # the local shard is stored [out, in]
     layer.tensor_shard = TensorShard(group, world, rank, style)

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..common import check
+from ..common import all_reduce_sum, check
 from .function import moe_combine, moe_dispatch
 
 EXCHANGES = ("exact", "static")
@@ -93,8 +93,7 @@ def shard_experts(layer: nn.Module, group=None, exchange: str = "exact", grad_re
 
 
 def _all_reduce(g: Tensor, shard: ExpertShard) -> Tensor:
-    g = g.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(g, group=shard.group)
+    g = all_reduce_sum(g, shard.group)
     return g / shard.world if shard.grad_reduction == "mean" else g
 
 
