@@ -154,7 +154,8 @@ def check_config(config: dict) -> float:
     return float(dropout)
 
 
-def validate_adapter(config: dict, tensors: dict, shapes: dict, missing: str, max_rank: int) -> list[AdapterEntry]:
+def validate_adapter(config: dict, tensors: dict, shapes: dict, missing: str,
+                     max_rank: int) -> tuple[list[AdapterEntry], float]:
     """Check an adapter (``read_adapter``'s config and tensors) against the
     linear layers it is to go into, before anything changes: the one
     validator of ``load_adapter`` and ``AdapterPool.load``.
@@ -165,8 +166,9 @@ def validate_adapter(config: dict, tensors: dict, shapes: dict, missing: str, ma
     shapes, rank in [1, max_rank] and equal to the config's ``r`` (or its
     ``rank_pattern`` entry), numeric patterns and dropout, and every layer the
     config's ``target_modules`` name holds weights in the file. Raises
-    ``ValueError`` naming ``path``; returns the entries in file order."""
-    check_config(config)
+    ``ValueError`` naming ``path``; returns the entries in file order and
+    the config's ``lora_dropout``."""
+    dropout = check_config(config)
     entries = []
     for name, pair in tensors.items():
         if name not in shapes:
@@ -195,7 +197,7 @@ def validate_adapter(config: dict, tensors: dict, shapes: dict, missing: str, ma
             raise ValueError(f"path: the config's target_modules cover {lacking[0]}"
                              f"{f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else ''}, but the file holds "
                              f"no weights for it")
-    return entries
+    return entries, dropout
 
 
 def write_adapter(path: Union[str, os.PathLike], tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],

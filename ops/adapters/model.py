@@ -27,7 +27,7 @@ from torch import nn
 
 from ..common import MAX_RANK, FrozenLinearWrapper, is_linear, lora_scale, set_submodule, weight_out_in
 from ..lora.layer import LoRALinear
-from .format import check_config, matches_target, read_adapter_file, validate_adapter, write_adapter
+from .format import matches_target, read_adapter_file, validate_adapter, write_adapter
 
 _ORIGINALS = "_posttrain_modules_to_save_originals"
 
@@ -157,7 +157,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
         if (is_linear(m) or isinstance(m, LoRALinear)) and not _inside_lora(model, name):
             shapes[name] = (m.in_features, m.out_features) if isinstance(m, LoRALinear) else \
                 tuple(weight_out_in(m).shape[::-1])
-    entries = validate_adapter(config, file.lora, shapes, "which the model lacks (or which is not a Linear)", MAX_RANK)
+    entries, dropout = validate_adapter(config, file.lora, shapes, "which the model lacks (or which is not a Linear)",
+                                        MAX_RANK)
     for name, params in file.saved_modules.items():
         try:
             own = dict(model.get_submodule(name).named_parameters())
@@ -167,7 +168,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
             if p not in own or tuple(own[p].shape) != tuple(t.shape):
                 raise ValueError(f"path: modules_to_save {name}.{p} {tuple(t.shape)} does not fit the model's "
                                  f"{tuple(own[p].shape) if p in own else 'missing parameter'}")
-    use_rslora, dropout = bool(config.get("use_rslora")), check_config(config)
+    use_rslora = bool(config.get("use_rslora"))
     for e in entries:  # all checks passed: now change the model
         module = model.get_submodule(e.name)
         if isinstance(module, LoRALinear) and module.r == e.r:

@@ -63,6 +63,11 @@ def _fallback_reason(layer) -> Optional[str]:
     return None
 
 
+def _active(layer) -> list[str]:
+    """The active adapters this layer holds."""
+    return [a for a in layer.active_adapters if a in layer.lora_A]
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA Linear forward, through the fused kernels where they apply."""
     original = type(self).forward
@@ -74,7 +79,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     weight = _base_weight(self)
     if adapter_names is not None:
         return _mixed_batch(self, x, adapter_names, weight, base.bias, original)
-    active = [a for a in self.active_adapters if a in self.lora_A]
+    active = _active(self)
     if len(active) != 1:  # none (the base layer alone) or several summed: PEFT's forward
         return original(self, x, *args, **kwargs)
     name = active[0]
@@ -140,8 +145,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
             fallbacks.setdefault(f"its base layer is a {type(m.get_base_layer()).__name__} (or the LoRA layer a "
                                  f"{type(m).__name__}), not an nn.Linear / Conv1D", []).append(name)
             continue
-        reason = _fallback_reason(m) or ("several active adapters summed" if len(
-            [a for a in m.active_adapters if a in m.lora_A]) > 1 else None)
+        reason = _fallback_reason(m) or ("several active adapters summed" if len(_active(m)) > 1 else None)
         if reason is not None:
             fallbacks.setdefault(reason, []).append(name)
         if not getattr(m, _PATCHED, False):

@@ -20,7 +20,7 @@ from torch import nn
 from ..common import check, check_rate, check_values, is_number, lora_alpha_of, lora_scale, set_submodule
 from ..lora.layer import check_init, init_lora_
 from ..multi_lora.layer import MultiLoRALinear
-from .format import check_config, read_adapter, validate_adapter, write_adapter
+from .format import read_adapter, validate_adapter, write_adapter
 from .model import resolve_targets, target_list
 
 
@@ -73,8 +73,7 @@ class AdapterPool:
         shapes = {n: (layer.in_features, layer.out_features) for n, layer in self.layers.items()}
         missing = (f"which is not a layer of this pool (pool layers: {len(self.layers)}, e.g. "
                    f"{next(iter(self.layers))})")
-        entries = validate_adapter(config, tensors, shapes, missing, self.max_rank)
-        dropout = check_config(config)
+        entries, dropout = validate_adapter(config, tensors, shapes, missing, self.max_rank)
         plan = [(self.layers[e.name], e.A, e.B, e.scale) for e in entries]
         slot = self._free_slot(evict)
         for layer in self.layers.values():  # layers the adapter does not cover get an empty slot
