@@ -1,5 +1,11 @@
-"""Comparison helpers: the tolerance rule (docs/testing.md)."""
+"""Test helpers: the tolerance rule (docs/testing.md), and the gloo process
+group of the distributed tests (spawned processes on 127.0.0.1)."""
+import contextlib
+import os
+import socket
+
 import torch
+import torch.distributed as dist
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -22,3 +28,21 @@ def assert_close_rule(name, ours, ref_lowp, ref_hi, atol):
     mag = max(1.0, ref_hi.abs().max().item() if ours.numel() else 0.0)
     bound = 2 * base + atol * mag
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (pytorch low-precision error {base:.3e})"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """This spawned worker's gloo process group on 127.0.0.1, destroyed on exit."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -3,12 +3,11 @@
 gradients and weights equal single-process training on the concatenated
 batch, and only the adapters train (the base model is frozen)."""
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, gloo_group
 
 import posttrain_kernels as pk
 
@@ -47,9 +46,7 @@ def _step(model, pool, ids, rows, wrapped=None):
 
 
 def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         model, pool = _model()
         pool.trainable_parameters()  # freeze the base model before DDP records the parameters to reduce
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -58,20 +55,12 @@ def _worker(rank, world, port, out):
         grads, weights = _step(model, pool, ids[mine], ROWS[mine], wrapped=ddp)
         trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         torch.save({"grads": grads, "weights": weights, "trainable": trainable}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_pool_training_equals_single_process(tmp_path):
     model, pool = _model()
     want_grads, want_weights = _step(model, pool, _batch(), ROWS)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["trainable"] and all(".lora_A" in n or ".lora_B" in n for n in got["trainable"]), \

@@ -11,13 +11,11 @@ expert gradients equal the single-process layer's rows of those experts, and
 router gradients after the all-reduce, within tolerance. Objective: the mean over ranks of each rank's loss (DDP's
 convention, ``grad_reduction="mean"``), or their sum.
 """
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, gloo_group
 
 import posttrain_kernels as pk
 
@@ -154,28 +152,18 @@ def _check_with_fsdp2(rank, world):
 
 
 def _worker(rank, world, port, upcycled):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         for name, make, exchange, reduction in CASES:
             _check_case(rank, world, name, make, exchange, reduction)
         _check_with_ddp(rank, world)
         if upcycled:  # the 2-process run also covers upcycled layers and FSDP2
             _check_upcycled(rank, world)
             _check_with_fsdp2(rank, world)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_layers_equal_single_process(world):
-    mp.spawn(_worker, args=(world, _free_port(), world == 2), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), world == 2), nprocs=world, join=True)
 
 
 def test_shard_experts_errors():

@@ -2,13 +2,11 @@
 a column-parallel layer feeding a row-parallel one, through
 ``parallelize_module`` with ``LoRAColwiseParallel`` / ``LoRARowwiseParallel``,
 gives the unsplit model's output and every gradient (each rank's shard)."""
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, gloo_group
 
 import posttrain_kernels as pk
 
@@ -20,9 +18,7 @@ def _mlp():
 
 
 def _worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module
         single, model = _mlp(), _mlp()
@@ -44,14 +40,10 @@ def _worker(rank, world, port):
         got = dict(model.named_parameters())
         for n, w in want.items():
             torch.testing.assert_close(got[n].grad, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_column_then_row_parallel_equals_unsplit():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_worker, args=(2, port), nprocs=2, join=True)
 
 
@@ -63,9 +55,7 @@ def test_fsdp_wrapped_lora_units_give_a_clear_error():
 
 
 def _fsdp_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         import transformers
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -92,8 +82,6 @@ def _fsdp_worker(rank, world, port):
                 continue
             got = q.grad.full_tensor()
             torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_blocks_as_units_equal_single_process():
@@ -101,9 +89,7 @@ def test_fsdp2_blocks_as_units_equal_single_process():
     LoRA gradients, reduced over 2 processes, equal single-process training
     on the whole batch (both batches' halves have equal token counts)."""
     pytest.importorskip("transformers")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_fsdp_worker, args=(2, port), nprocs=2, join=True)
 
 
