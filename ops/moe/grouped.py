@@ -30,6 +30,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..backend import compute_capability
+
 
 def grouped_mm_fn() -> Optional[Callable]:
     """The installed PyTorch's grouped GEMM, or None."""
@@ -45,7 +47,7 @@ def grouped_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> t
     if device.type == "cuda":
         if dtype != torch.bfloat16:
             return False, f"grouped_mm on CUDA takes bfloat16, got {dtype}"
-        if torch.cuda.get_device_capability(device) < (8, 0):
+        if compute_capability(device) < 80:
             return False, "grouped_mm needs a CUDA device of compute capability 8.0 or newer"
     elif device.type == "cpu":
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
