@@ -1,16 +1,24 @@
 """Specs of the fused-LoRA kernels (``kernels/lora.py``): spaces, prune
 rules, defaults, cache keys and AOT variants.
 
-Each kernel runs in two layouts: the forward one and, with transposed
-operand views, the backward one (dt, dx, dA). The AOT variants compile both:
-the forward layout with every flag on and fp32 adapters (PEFT's default),
-the backward layout with flags off and adapters in the compute dtype.
+The matmul kernels run in two layouts: the forward one and, with transposed
+operand views, the backward one (dx). The AOT variants compile both: the
+forward layout with its flags on and fp32 adapters (PEFT's default), the
+backward layout with and without dropout. ``lora_matmul_tma`` is the sm_90
+kernel of the same op: its space is empty below sm_90 and for fp32, and its
+AOT variants are every combination a launcher picks (the SASS test checks
+each default config of each for HGMMA, TMA and spills).
 """
 from __future__ import annotations
 
-from ..kernels.lora import _lora_grad_kernel, _lora_matmul_kernel, _lora_shrink_kernel
+from ..kernels.lora import (_lora_dy_kernel, _lora_matmul_kernel, _lora_matmul_tma_kernel, _lora_shrink_kernel,
+                            _lora_x_kernel)
 from .config import ADAPTER_BYTES, Config, itemsize, rank_block, smem_budget, table
 from .registry import AotVariant, KernelSpec, register
+
+# The shrink and the two backward passes hold at most 64 ranks in a tile;
+# larger ranks take a program per 64 (a 256-wide fp32 tile spills).
+RANK_CHUNK = 64
 
 # The low-rank term of the matmul steps the rank 16 at a time: the tl.dot
 # minimum, so r = 16 costs one unpadded step and no registers the main loop needs.
@@ -69,21 +77,26 @@ def default_matmul(dtype: str, cc, dims: dict) -> Config:
     return by_tile[(64, 64)]
 
 
+_MATMUL_POINTERS = {"x_ptr": "x", "w_ptr": "x", "t_ptr": "fp32", "u_ptr": "adapter", "bias_ptr": "x", "y_ptr": "x",
+                    "seed_ptr": "i32"}
 LORA_MATMUL = register(KernelSpec(
-    name="lora_matmul", fn=_lora_matmul_kernel, key=("N", "K", "layout", "M"),
+    name="lora_matmul", fn=_lora_matmul_kernel, key=("N", "K", "layout", "M"), layouts=("w", "wT"),
+    # On sm_90 the 16-bit launches take lora_matmul_tma; this kernel only when
+    # the operands are not TMA-aligned (odd strides or offsets).
+    picked=lambda dtype, cc: cc < 90 or dtype == "float32",
     space=matmul_space, prune=prune_matmul, default=default_matmul,
     constants={"BLOCK_R": MATMUL_BLOCK_R}, floats=frozenset({"scale"}),
     variants=(
-        AotVariant("forward layout, bias and dropout on",
-                   pointers={"x_ptr": "x", "w_ptr": "x", "t_ptr": "fp32", "u_ptr": "adapter", "bias_ptr": "x",
-                             "y_ptr": "x", "seed_ptr": "i32"},
-                   flags={"HAS_BIAS": True, "HAS_DROPOUT": True, "EVEN_K": True},
+        AotVariant("forward layout, bias on",
+                   pointers=_MATMUL_POINTERS, flags={"HAS_BIAS": True, "HAS_DROPOUT": False, "EVEN_K": True},
                    ones=frozenset({"stride_xk", "stride_wk", "stride_tr", "stride_ur", "stride_yn"}),
                    plain=frozenset({"M", "R", "drop_threshold", "stride_tm", "stride_un"}), adapter_fp32=True),
-        AotVariant("backward layout (dx), flags off",
-                   pointers={"x_ptr": "x", "w_ptr": "x", "t_ptr": "fp32", "u_ptr": "adapter", "bias_ptr": "x",
-                             "y_ptr": "x", "seed_ptr": "i32"},
-                   flags={"HAS_BIAS": False, "HAS_DROPOUT": False, "EVEN_K": False},
+        AotVariant("backward layout (dx), dropout on",
+                   pointers=_MATMUL_POINTERS, flags={"HAS_BIAS": False, "HAS_DROPOUT": True, "EVEN_K": False},
+                   ones=frozenset({"stride_xk", "stride_wn", "stride_tr", "stride_un", "stride_yn"}),
+                   plain=frozenset({"M", "R", "drop_threshold", "stride_tm"})),
+        AotVariant("backward layout (dx), dropout off",
+                   pointers=_MATMUL_POINTERS, flags={"HAS_BIAS": False, "HAS_DROPOUT": False, "EVEN_K": True},
                    ones=frozenset({"stride_xk", "stride_wn", "stride_tr", "stride_un", "stride_yn"}),
                    plain=frozenset({"M", "R", "drop_threshold", "stride_tm"})),
     )))
@@ -114,61 +127,189 @@ def default_shrink(dtype: str, cc, dims: dict) -> Config:
         return Config.make(BLOCK_M=16, BLOCK_K=64, num_warps=2, num_stages=2)
     # Thin row blocks with long K steps: many programs, each streaming its
     # rows once (measured fastest at M=8192, K=4096, r=16 on H100).
-    return prune_shrink(shrink_space(dtype), dtype, cc, rank_block(dims["R"]))[0]
+    return prune_shrink(shrink_space(dtype), dtype, cc, min(rank_block(dims["R"]), RANK_CHUNK))[0]
 
 
 LORA_SHRINK = register(KernelSpec(
-    name="lora_shrink", fn=_lora_shrink_kernel, key=("K", "R", "layout", "M"),
-    space=shrink_space, prune=prune_shrink, default=default_shrink, rank_blocked=True,
+    name="lora_shrink", fn=_lora_shrink_kernel, key=("K", "R", "layout", "M"), layouts=("a",),
+    space=shrink_space, prune=prune_shrink, default=default_shrink, rank_blocked=True, rank_cap=RANK_CHUNK,
     floats=frozenset({"scale"}),
     variants=(
         AotVariant("forward layout (t), dropout on",
                    pointers={"x_ptr": "x", "a_ptr": "adapter", "t_ptr": "fp32", "seed_ptr": "i32"},
                    flags={"HAS_DROPOUT": True}, ones=frozenset({"stride_xk", "stride_ak", "stride_tr"}),
                    plain=frozenset({"M", "R", "drop_threshold", "stride_tm"}), adapter_fp32=True),
-        AotVariant("backward layout (dt = dY·B)",
+        AotVariant("forward layout (t), dropout off, adapters in the compute dtype",
                    pointers={"x_ptr": "x", "a_ptr": "adapter", "t_ptr": "fp32", "seed_ptr": "i32"},
-                   flags={"HAS_DROPOUT": False}, ones=frozenset({"stride_xk", "stride_ar", "stride_tr"}),
-                   plain=frozenset({"M", "R", "drop_threshold", "stride_tm", "stride_ak"})),
+                   flags={"HAS_DROPOUT": False}, ones=frozenset({"stride_xk", "stride_ak", "stride_tr"}),
+                   plain=frozenset({"M", "R", "drop_threshold", "stride_tm"})),
     )))
 
 
-# ---------------------------------------------------------------- lora_grad
-def grad_space(dtype: str) -> list[Config]:
-    """O = s·drop(X)ᵀ·T split over M: memory-bound. BLOCK_R comes from R."""
-    names = ("BLOCK_M", "BLOCK_P")
+# ---------------------------------------------------------------- lora_matmul_tma
+def tma_space(dtype: str) -> list[Config]:
+    """The sm_90 persistent TMA GEMM (bf16/fp16 only: fp32 has no wgmma path
+    at PyTorch's IEEE precision). Every entry compiles without spills for
+    every variant (tests/test_aot_compile.py reads the SASS)."""
     if dtype == "float32":
-        return table(names, [(32, 32, 4, 2)])
-    return table(names, [(64, 128, 4, 3), (32, 64, 4, 2)])
+        return []
+    return table(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
+        (128, 256, 64, 8, 8, 3),  # the widest tile that fits the registers with the epilogue (no stack)
+        (128, 128, 64, 8, 8, 4),
+        (64, 128, 64, 8, 4, 4),
+        (64, 64, 128, 8, 4, 4),  # few tokens: more tiles over the SMs
+    ])
 
 
-def grad_smem(cfg: Config, block_r: int, dtype: str) -> int:
-    return cfg.num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_P"] * itemsize(dtype) + block_r * ADAPTER_BYTES)
+def tma_smem(cfg: Config, dtype: str) -> int:
+    """Pipelined x, w and (fused shrink) a tiles, plus the half-tile store buffer."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return (cfg.num_stages * (bm + bn + MATMUL_BLOCK_R) * bk + bm * bn // 2) * itemsize(dtype)
 
 
-def prune_grad(cfgs, dtype: str, cc: int, block_r: int) -> list[Config]:
-    return [c for c in cfgs
-            if c["BLOCK_M"] >= 16 and c["BLOCK_P"] >= 16 and c["BLOCK_P"] * block_r <= 16384
-            and grad_smem(c, block_r, dtype) <= smem_budget(cc)]
+def prune_tma(cfgs, dtype: str, cc: int, block_r=None) -> list[Config]:
+    return [c for c in cfgs if cc is not None and cc >= 90 and tma_smem(c, dtype) <= smem_budget(cc)]
 
 
-def default_grad(dtype: str, cc, dims: dict) -> Config:
+def default_tma(dtype: str, cc, dims: dict) -> Config:
+    """By the output shape, as the portable kernel. ``cc=None`` (the
+    interpreter, which runs this kernel only when a test asks for it): small
+    tiles, so that small shapes cover several tiles, K steps and programs."""
     if cc is None:
-        return Config.make(BLOCK_M=32, BLOCK_P=32, num_warps=2, num_stages=2)
-    return prune_grad(grad_space(dtype), dtype, cc, rank_block(dims["R"]))[0]
+        return Config.make(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+    by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c for c in prune_tma(tma_space(dtype), dtype, cc)}
+    M, N = dims["M"], dims["N"]
+    if M >= 2048 and N >= 2048:
+        return by_tile[(128, 256)]
+    if M >= 256:
+        return by_tile[(128, 128)]
+    if M > 64:
+        return by_tile[(64, 128)]
+    return by_tile[(64, 64)]
 
 
-LORA_GRAD = register(KernelSpec(
-    name="lora_grad", fn=_lora_grad_kernel, key=("P", "R", "layout", "M"),
-    space=grad_space, prune=prune_grad, default=default_grad, rank_blocked=True,
-    floats=frozenset({"scale"}),
+_TMA_POINTERS = {"x_ptr": "x", "w_ptr": "x", "t_ptr": "fp32", "u_ptr": "adapter", "a_ptr": "x", "bias_ptr": "x",
+                 "y_ptr": "x", "seed_ptr": "i32"}
+_TMA_PLAIN = frozenset({"M", "R", "num_programs", "drop_threshold", "stride_tm", "stride_un", "stride_ur"})
+LORA_MATMUL_TMA = register(KernelSpec(
+    name="lora_matmul_tma", fn=_lora_matmul_tma_kernel, key=("N", "K", "layout", "M"), layouts=("w", "wT"),
+    space=tma_space, prune=prune_tma, default=default_tma,
+    constants={"BLOCK_R": MATMUL_BLOCK_R}, floats=frozenset({"scale"}),
     variants=(
-        AotVariant("dA layout (o as [P, R]), dropout on",
-                   pointers={"x_ptr": "x", "t_ptr": "fp32", "o_ptr": "fp32", "seed_ptr": "i32"},
-                   flags={"HAS_DROPOUT": True}, ones=frozenset({"stride_xp", "stride_tr", "stride_or"}),
-                   plain=frozenset({"M", "R", "rows_per_split", "drop_threshold", "stride_tm", "stride_op"})),
-        AotVariant("transposed output (o as [R, P])",
-                   pointers={"x_ptr": "x", "t_ptr": "fp32", "o_ptr": "fp32", "seed_ptr": "i32"},
-                   flags={"HAS_DROPOUT": False}, ones=frozenset({"stride_xp", "stride_tr", "stride_op"}),
-                   plain=frozenset({"M", "R", "rows_per_split", "drop_threshold", "stride_tm"})),
+        AotVariant("forward, shrink fused, bias on",
+                   pointers=_TMA_POINTERS, flags={"W_NMAJOR": False, "FUSE_SHRINK": True, "HAS_BIAS": True,
+                                                  "HAS_DROPOUT": False},
+                   ones=frozenset({"stride_tr", "stride_ur"}), plain=_TMA_PLAIN, adapter_fp32=True),
+        AotVariant("forward after a separate shrink, bias on",
+                   pointers=_TMA_POINTERS, flags={"W_NMAJOR": False, "FUSE_SHRINK": False, "HAS_BIAS": True,
+                                                  "HAS_DROPOUT": False},
+                   ones=frozenset({"stride_tr", "stride_ur"}), plain=_TMA_PLAIN, adapter_fp32=True),
+        AotVariant("backward dx, dropout on",
+                   pointers=_TMA_POINTERS, flags={"W_NMAJOR": True, "FUSE_SHRINK": False, "HAS_BIAS": False,
+                                                  "HAS_DROPOUT": True},
+                   ones=frozenset({"stride_tr", "stride_un"}), plain=_TMA_PLAIN),
+        AotVariant("backward dx, dropout off",
+                   pointers=_TMA_POINTERS, flags={"W_NMAJOR": True, "FUSE_SHRINK": False, "HAS_BIAS": False,
+                                                  "HAS_DROPOUT": False},
+                   ones=frozenset({"stride_tr", "stride_un"}), plain=_TMA_PLAIN),
     )))
+
+
+# ---------------------------------------------------------------- lora_dy
+def dy_space(dtype: str) -> list[Config]:
+    """One pass over dY for dt, dB, dbias: memory-bound. BLOCK_R comes from R."""
+    names = ("BLOCK_M", "BLOCK_N")
+    if dtype == "float32":
+        return table(names, [(16, 32, 8, 2)])
+    return table(names, [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)])
+
+
+# The widest rank tile each tile shape holds without spilling on sm_90 (read
+# from the SASS, dbias variant included: its column sum costs registers).
+_DY_MAX_BLOCK_R = {(64, 128, 8): 16, (32, 128, 8): 32, (32, 64, 4): 64, (16, 64, 4): 64, (16, 32, 8): 64}
+
+
+def dy_smem(cfg: Config, block_r: int, dtype: str) -> int:
+    return cfg.num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_N"] * itemsize(dtype) + 2 * block_r * 4)
+
+
+def prune_dy(cfgs, dtype: str, cc: int, block_r: int) -> list[Config]:
+    return [c for c in cfgs
+            if block_r <= _DY_MAX_BLOCK_R.get((c["BLOCK_M"], c["BLOCK_N"], c.num_warps), 0)
+            and dy_smem(c, block_r, dtype) <= smem_budget(cc)]
+
+
+def default_dy(dtype: str, cc, dims: dict) -> Config:
+    """The tallest row block the rank allows, shorter at mid-size M so that
+    the splits (about one program per SM, each owning whole row blocks) cover
+    the machine."""
+    if cc is None:
+        return Config.make(BLOCK_M=16, BLOCK_N=32, num_warps=2, num_stages=2)
+    space = prune_dy(dy_space(dtype), dtype, cc, min(rank_block(dims["R"]), RANK_CHUNK))
+    M = dims["M"]
+    fits = [c for c in space if c["BLOCK_M"] <= (64 if M >= 8192 else 32 if M >= 2048 else 16)]
+    return (fits or space)[0]
+
+
+LORA_DY = register(KernelSpec(
+    name="lora_dy", fn=_lora_dy_kernel, key=("N", "R", "M"),
+    space=dy_space, prune=prune_dy, default=default_dy, rank_blocked=True, rank_cap=RANK_CHUNK,
+    floats=frozenset({"scale"}),
+    variants=tuple(
+        AotVariant(f"dbias {'on' if dbias else 'off'}",
+                   pointers={"dy_ptr": "x", "b_ptr": "adapter", "t_ptr": "fp32", "dt_ptr": "fp32", "db_ptr": "fp32",
+                             "dbias_ptr": "fp32"},
+                   flags={"HAS_DBIAS": dbias}, ones=frozenset({"stride_dyn", "stride_br", "stride_tr", "stride_dtr",
+                                                               "stride_dbr"}),
+                   plain=frozenset({"M", "R", "rows_per_split", "stride_bn", "stride_tm", "stride_dtm",
+                                    "stride_dbn", "stride_dbs"}), adapter_fp32=dbias)
+        for dbias in (True, False))))
+
+
+# ---------------------------------------------------------------- lora_x
+def x_space(dtype: str) -> list[Config]:
+    """One pass over x for dA (no split over M), plus the dB/dbias slab sums."""
+    names = ("BLOCK_M", "BLOCK_K", "BLOCK_N")
+    if dtype == "float32":
+        return table(names, [(32, 32, 32, 4, 2)])
+    return table(names, [(128, 32, 64, 4, 3), (64, 64, 64, 4, 3),
+                         (32, 32, 32, 4, 2)])  # large ranks
+
+
+def x_smem(cfg: Config, block_r: int, dtype: str) -> int:
+    return cfg.num_stages * cfg["BLOCK_M"] * (cfg["BLOCK_K"] * itemsize(dtype) + block_r * 4)
+
+
+def prune_x(cfgs, dtype: str, cc: int, block_r: int) -> list[Config]:
+    return [c for c in cfgs
+            if min(c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_N"]) >= 16 and c["BLOCK_K"] * block_r <= 16384
+            and c["BLOCK_N"] * block_r <= 16384 and x_smem(c, block_r, dtype) <= smem_budget(cc)]
+
+
+def default_x(dtype: str, cc, dims: dict) -> Config:
+    """Column blocks narrow enough that cdiv(K, BLOCK_K) programs cover the
+    machine (each reads every row of its columns)."""
+    if cc is None:
+        return Config.make(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=2, num_stages=2)
+    space = prune_x(x_space(dtype), dtype, cc, min(rank_block(dims["R"]), RANK_CHUNK))
+    if dtype == "float32":
+        return space[0]
+    by_k = {}
+    for c in space:
+        by_k.setdefault(c["BLOCK_K"], c)
+    return by_k[64] if dims["K"] >= 8192 and 64 in by_k else space[0]
+
+
+LORA_X = register(KernelSpec(
+    name="lora_x", fn=_lora_x_kernel, key=("K", "R", "M"),
+    space=x_space, prune=prune_x, default=default_x, rank_blocked=True, rank_cap=RANK_CHUNK,
+    floats=frozenset({"scale"}),
+    variants=tuple(
+        AotVariant(f"dropout and dbias {'on' if on else 'off'}",
+                   pointers={"x_ptr": "x", "dt_ptr": "fp32", "da_ptr": "adapter", "seed_ptr": "i32",
+                             "db_part_ptr": "fp32", "db_ptr": "adapter", "dbias_part_ptr": "fp32", "dbias_ptr": "fp32"},
+                   flags={"HAS_DROPOUT": on, "HAS_DBIAS": on}, adapter_fp32=on,
+                   ones=frozenset({"stride_xk", "stride_dtr", "stride_dak", "stride_dbr"}),
+                   plain=frozenset({"M", "R", "N", "SPLIT", "k_programs", "drop_threshold", "stride_dtm",
+                                    "stride_dar", "stride_dbn", "stride_dbs", "stride_dbias_s"}))
+        for on in (True, False))))

@@ -22,6 +22,10 @@ from typing import Callable, Optional
 from .config import DTYPES, RANK_BLOCKS, Config, rank_block
 
 REGISTRY: dict[str, "KernelSpec"] = {}
+# Dimensions the default picks are checked at (token counts from decode to
+# long prefill; model widths; ranks on both sides of each rank block).
+DEFAULT_DIMS = {"M": (1, 64, 300, 2048, 8192), "N": (512, 4096, 14336), "K": (512, 4096, 14336),
+                "D": (64, 1000, 4096), "R": (16, 17, 64, 256)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,15 @@ class KernelSpec:
     rank_blocked: bool = False
     constants: dict = dataclasses.field(default_factory=dict)
     floats: frozenset = frozenset()
+    layouts: tuple = ()  # the values of the key's ``layout`` dimension, if it has one
+    rank_cap: int = RANK_BLOCKS[-1]  # rank-blocked kernels: the widest rank tile (larger ranks: more programs)
+    picked: Callable = lambda dtype, cc: True  # whether the launchers run this kernel for dtype on cc
+
+    def block_r(self, R: int) -> int:
+        """The rank tile of a rank-blocked kernel at rank R: R padded to a
+        power of two ≥ 16, at most ``rank_cap`` (the launch grid then has
+        cdiv(R, BLOCK_R) programs along the rank)."""
+        return min(rank_block(R), self.rank_cap)
 
     # ---- the configs a launch may use
     def configs(self, dtype: str, cc: int, block_r: Optional[int] = None) -> list[Config]:
@@ -78,18 +91,36 @@ class KernelSpec:
         return self.prune(self.space(dtype), dtype, cc, block_r)
 
     def block_rs(self) -> tuple:
-        return RANK_BLOCKS if self.rank_blocked else (None,)
+        return tuple(b for b in RANK_BLOCKS if b <= self.rank_cap) if self.rank_blocked else (None,)
 
     def compiled_space(self, cc: int) -> list[tuple]:
         """Every (config, dtype, rank block) the launchers may pick on ``cc``:
         what the AOT harness compiles and the tests check the defaults against."""
         return [(c, d, br) for d in DTYPES for br in self.block_rs() for c in self.configs(d, cc, br)]
 
+    def defaults(self, cc: int) -> set:
+        """Every (config, dtype, rank block) the heuristic default picks on
+        ``cc`` over model-like dimensions (``DEFAULT_DIMS``): what the AOT
+        harness compiles with every variant and checks for spills."""
+        import itertools
+        out = set()
+        values = [self.layouts if name == "layout" else DEFAULT_DIMS[name] for name in self.key]
+        for d in DTYPES:
+            if not self.space(d) or not self.picked(d, cc):
+                continue
+            for combo in itertools.product(*values):
+                dims = dict(zip(self.key, combo))
+                if self.rank_blocked:
+                    out.add((self.default(d, cc, dims), d, self.block_r(dims["R"])))
+                elif self.configs(d, cc):
+                    out.add((self.default(d, cc, dims), d, None))
+        return out
+
     def valid_configs(self, dtype: str, cc: int, dims: dict) -> set:
         """The configs a cache entry with these key dimensions may hold."""
         if dtype not in DTYPES:
             return set()
-        block_r = rank_block(int(dims["R"])) if self.rank_blocked else None
+        block_r = self.block_r(int(dims["R"])) if self.rank_blocked else None
         return set(self.configs(dtype, cc, block_r))
 
     def launch_kwargs(self, cfg: Config, block_r: Optional[int] = None) -> dict:

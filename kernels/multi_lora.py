@@ -10,14 +10,17 @@ no padding of runs to tiles) and each adapter's rank in steps of
 next multiple of 16, the ``tl.dot`` minimum).
 
 Forward: ``_multi_lora_shrink_kernel`` (t = A_a·x per run), then
-``_multi_lora_matmul_kernel`` (base GEMM + every run's expand in one accumulator).
+``_multi_lora_matmul_kernel`` (base GEMM + every run's expand in one accumulator;
+on sm_90 ``_multi_lora_matmul_tma_kernel``, the same over a persistent grid
+with the weight through TMA).
 Backward: the same two kernels with transposed operands give dt = dY·B_a and
 dx = dY·W0 + s·dt·A_a; ``_multi_lora_grad_kernel`` gives dA and dB per adapter.
 """
 import triton
 import triton.language as tl
 
-from .common import dropout_keep, gemm_tile, grouped_pid, mma
+from .common import (column_quarters, dropout_keep, gathered_tma_gemm_tile, gemm_tile, grouped_pid, mma,
+                     tma_weight)
 
 _NO_ADAPTER = tl.constexpr(2 ** 30)  # larger than any slot id
 
@@ -95,7 +98,7 @@ def _multi_lora_shrink_kernel(
     a = _next_adapter(sid, valid, -1)
     while a < _NO_ADAPTER:
         in_run = valid & (sid == a)
-        for i in tl.static_range(NUM_SLICES):
+        for i in range(NUM_SLICES):  # a loop, not unrolled: one body however many slices
             r_a = _rank(rank_ptr, i, a, SLOTS, R_MAX)
             if SLICED_REDUCTION:
                 k_lo = tl.maximum(tl.load(bounds_ptr + i), split_lo)
@@ -184,17 +187,36 @@ def _multi_lora_matmul_kernel(
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = gemm_tile(x_ptrs, w_ptrs, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, False)
 
-    # ---- expand: every adapter run of the tile, up to its own rank
+    # ---- expand (every adapter run of the tile), bias, scattered store
+    acc = _expand(acc, offs_j, rows, sid, valid, offs_n, t_ptr, b_ptr, rank_ptr, scale_ptr, bounds_ptr, seed_ptr,
+                  thr_ptr, inv_ptr, N, R_MAX, SLOTS, stride_tm, stride_tr, stride_bs, stride_b_slice, stride_bn,
+                  stride_br, x_ptr.dtype.element_ty, SLICED_OUTPUT, HAS_DROPOUT, NUM_SLICES, BLOCK_R)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_j[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _expand(acc, offs_j, rows, sid, valid, offs_n, t_ptr, b_ptr, rank_ptr, scale_ptr, bounds_ptr, seed_ptr, thr_ptr,
+            inv_ptr, N, R_MAX, SLOTS, stride_tm, stride_tr, stride_bs, stride_b_slice, stride_bn, stride_br,
+            dtype: tl.constexpr, SLICED_OUTPUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, NUM_SLICES: tl.constexpr,
+            BLOCK_R: tl.constexpr):
+    """acc + Σ_runs Σ_slices s_a,i·t·B_a,iᵀ over the tile's sorted rows
+    ``offs_j`` (original ``rows``, slots ``sid``) and columns ``offs_n``:
+    every adapter run of the tile, up to its own rank. The columns may be a
+    part of the output tile (the sm_90 kernel expands by column quarters)."""
+    cols = (offs_n % N).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     a = _next_adapter(sid, valid, -1)
     while a < _NO_ADAPTER:
         in_run = valid & (sid == a)
-        for i in tl.static_range(NUM_SLICES):
+        for i in range(NUM_SLICES):  # a loop, not unrolled: one body however many slices
             if SLICED_OUTPUT:
                 lo = tl.load(bounds_ptr + i)
                 hi = tl.load(bounds_ptr + i + 1)
                 in_slice = (offs_n >= lo) & (offs_n < hi)
-                # A slice outside this tile's columns costs nothing: its rank loop is skipped.
+                # A slice outside these columns costs nothing: its rank loop is skipped.
                 r_a = tl.where(tl.max(in_slice.to(tl.int32), axis=0) > 0, _rank(rank_ptr, i, a, SLOTS, R_MAX), 0)
             else:
                 in_slice = offs_n < N
@@ -206,7 +228,7 @@ def _multi_lora_matmul_kernel(
             # the other slices' u) are zero, but 0·NaN = NaN, so a NaN or Inf
             # in this adapter would otherwise reach every row of the tile
             # (other tenants, base-only rows). Isolation by select.
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            lora = tl.zeros(acc.shape, dtype=tl.float32)
             for r0 in range(0, r_a, BLOCK_R):
                 mask_r = (r0 + offs_r) < r_a
                 t = tl.load(t_ptr + offs_j.to(tl.int64)[:, None] * stride_tm
@@ -214,7 +236,7 @@ def _multi_lora_matmul_kernel(
                             mask=in_run[:, None] & mask_r[None, :], other=0.0)
                 u = tl.load(b_base + cols[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br,
                             mask=mask_r[:, None] & in_slice[None, :], other=0.0)
-                lora = mma((t * s_a).to(x_ptr.dtype.element_ty), u.to(x_ptr.dtype.element_ty), lora)
+                lora = mma((t * s_a).to(dtype), u.to(dtype), lora)
             keep = in_run[:, None] & in_slice[None, :]
             if HAS_DROPOUT:
                 keep = keep & dropout_keep(tl.load(seed_ptr + i).to(tl.uint32), rows[:, None], cols[None, :],
@@ -222,12 +244,62 @@ def _multi_lora_matmul_kernel(
                 lora = lora * tl.load(inv_ptr + a)
             acc += tl.where(keep, lora, 0.0)
         a = _next_adapter(sid, valid, a)
+    return acc
 
-    # ---- epilogue
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_j[:, None] & (offs_n[None, :] < N))
+
+@triton.jit
+def _multi_lora_matmul_tma_kernel(
+    x_ptr,  # [M, K]  tokens, original order (gathered: pointer loads)
+    w_ptr,  # [N, K] with unit K stride, or [K, N] with unit N stride when W_NMAJOR: through TMA
+    bias_ptr,  # [N]  read only when HAS_BIAS
+    perm_ptr,  # [M] int64  sorted position -> original row
+    sid_ptr,  # [M] int64  slot of each sorted row, ascending; -1 = no adapter
+    t_ptr,  # [M, NUM_SLICES·R_MAX] fp32  low-rank activations, sorted order
+    b_ptr,  # [SLOTS, ...]  up projections, as in _multi_lora_matmul_kernel
+    rank_ptr,  # [NUM_SLICES, SLOTS] int32
+    scale_ptr,  # [NUM_SLICES, SLOTS] fp32
+    bounds_ptr,  # [NUM_SLICES + 1] int32, read only when SLICED_OUTPUT
+    y_ptr,  # [M, N]  output, original order
+    seed_ptr,  # [NUM_SLICES] int32, read only when HAS_DROPOUT
+    thr_ptr,  # [SLOTS] int32, read only when HAS_DROPOUT
+    inv_ptr,  # [SLOTS] fp32, read only when HAS_DROPOUT
+    M, N, K, R_MAX, SLOTS, num_programs,
+    stride_xm, stride_xk, stride_w,
+    stride_tm, stride_tr,
+    stride_bs, stride_b_slice, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    W_NMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED_OUTPUT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``_multi_lora_matmul_kernel`` on sm_90: the same sum, over a persistent grid.
+
+    Grid: (num_programs,), about one program per SM walking the output tiles
+    in grouped order. The weight tiles come through a tensor descriptor (TMA)
+    and the gathered x rows through pointer loads; the expand (and its
+    per-run isolation tile) and the scattered store work a column quarter of
+    the tile at a time, so the run's isolated term needs a quarter tile of
+    registers (a whole-tile one spills)."""
+    w_desc = tma_weight(w_ptr, N, K, stride_w, BLOCK_N, BLOCK_K, W_NMAJOR)
+    QUARTER: tl.constexpr = BLOCK_N // 4
+    dtype: tl.constexpr = y_ptr.dtype.element_ty
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+        pid_m, pid_n = grouped_pid(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_j, mask_j, rows, sid, valid = _sorted_rows(perm_ptr, sid_ptr, pid_m, M, SLOTS, BLOCK_M)
+        acc = gathered_tma_gemm_tile(x_ptr + rows * stride_xm, stride_xk, w_desc, pid_n * BLOCK_N, K,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, W_NMAJOR)
+        parts = column_quarters(acc, BLOCK_M, BLOCK_N)
+        for q in tl.static_range(4):
+            offs_n = pid_n * BLOCK_N + q * QUARTER + tl.arange(0, QUARTER)
+            out = _expand(parts[q], offs_j, rows, sid, valid, offs_n, t_ptr, b_ptr, rank_ptr, scale_ptr, bounds_ptr,
+                          seed_ptr, thr_ptr, inv_ptr, N, R_MAX, SLOTS, stride_tm, stride_tr, stride_bs, stride_b_slice,
+                          stride_bn, stride_br, dtype, SLICED_OUTPUT, HAS_DROPOUT, NUM_SLICES, BLOCK_R)
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + offs_n % N).to(tl.float32)[None, :]
+            tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, out.to(dtype),
+                     mask=mask_j[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -272,7 +344,7 @@ def _multi_lora_grad_kernel(
     end = tl.load(seg_ptr + a + 1)
     o_base = o_ptr + a.to(tl.int64) * stride_os
 
-    for i in tl.static_range(NUM_SLICES):
+    for i in range(NUM_SLICES):  # a loop, not unrolled: one body however many slices
         r_a = _rank(rank_ptr, i, a, SLOTS, R_MAX)
         if SLICED_OUTPUT:
             in_cols = (offs_d >= tl.load(bounds_ptr + i)) & (offs_d < tl.load(bounds_ptr + i + 1))
