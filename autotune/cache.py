@@ -22,6 +22,7 @@ GPU is ignored with a warning, never a crash.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -157,12 +158,36 @@ def _tables(gpu_name: str, triton_version: str, cc: int, user_dir: str) -> tuple
     return user, shipped
 
 
+@contextlib.contextmanager
+def env_override(variable: str, value: str):
+    """The environment variable set to ``value`` for the block, everything
+    built from the picks reset on the way in and out (the launchers' plans
+    read the environment when they are built): how ``tune`` pins a config
+    and the benchmarks force a kernel path."""
+    saved = os.environ.get(variable)
+    os.environ[variable] = value
+    reset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved
+        reset()
+
+
+RESET_HOOKS: list = []  # callables that drop what was built from the picks (the launchers' memoised plans)
+
+
 def reset() -> None:
     """Forget the loaded files and memoised picks (after ``tune`` wrote a
-    file, or in tests)."""
+    file, or in tests), and everything built from them (``RESET_HOOKS``)."""
     _tables.cache_clear()
     _lookup.cache_clear()
     _PICKS.clear()
+    for hook in RESET_HOOKS:
+        hook()
 
 
 _PICKS: dict = {}

@@ -1,12 +1,14 @@
 """``posttrain-kernels tune``: time every config of every kernel a model's
 LoRA layers launch, check each winner against the reference, write the cache.
 
-A LoRA linear of shape (M tokens, K in, N out, rank r) launches six kernels:
-the forward shrink and matmul, and in the backward the dY shrink, the dB and
-dA reductions and the dx matmul. Each is one tuning case, keyed exactly as
-the launcher keys its lookup (the spec's key dimensions: model dimensions,
-operand layout, a bucketed token count), so a tuned entry is found again at
-run time.
+A LoRA linear of shape (M tokens, K in, N out, rank r) launches: in the
+forward the shrink (unless the sm_90 GEMM fuses it) and the GEMM; in the
+backward the dY pass, the x pass and the dx GEMM. Each kernel is one tuning
+case, keyed exactly as the launcher keys its lookup (the spec's key
+dimensions: model dimensions, operand layout, a bucketed token count), so a
+tuned entry is found again at run time. A case times the step it belongs to
+(the forward, or the backward up to the output it checks) with the other
+kernels at their picks.
 
 This is the one module of ``autotune`` that imports ``ops`` (it runs the
 launchers); nothing the launchers import imports it.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
 from typing import Callable
@@ -26,8 +27,8 @@ import torch
 from ..ops.common import dtype_name
 from ..ops.lora import launch as L
 from . import cache
-from .config import Config, pin_variable, rank_block
-from .lora import LORA_GRAD, LORA_MATMUL, LORA_SHRINK
+from .config import Config, pin_variable
+from .lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X
 
 # Linear-layer shapes (in_features K, out_features N) of a decoder block.
 PRESETS = {
@@ -57,31 +58,32 @@ class Case:
 
 
 def lora_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, device: torch.device, cc: int) -> list[Case]:
-    """The six launches of one LoRA linear fwd+bwd, with fp32 references."""
+    """The kernels of one LoRA linear fwd+bwd, with fp32 references."""
     dn = dtype_name(dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
     x, dy = rnd(M, K), rnd(M, N)
     w, a, b = rnd(N, K, scale=K ** -0.5), rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5)
     t = L.lora_shrink(x, a, 1.0)
-    dt = L.lora_shrink(dy, b.t(), 2.0)
     xf, dyf, wf, af, bf = (v.float() for v in (x, dy, w, a, b))
+    dt = 2.0 * dyf @ bf
+    gemm = LORA_MATMUL_TMA if cc >= 90 and dtype != torch.float32 else LORA_MATMUL
 
     def case(spec, run, reference, **dims):
-        block_r = rank_block(r) if spec.rank_blocked else None
+        block_r = spec.block_r(r) if spec.rank_blocked else None
         return Case(spec.name, cache.make_key(dn, **dims), spec.configs(dn, cc, block_r), spec.default(dn, cc, dims),
                     run, reference)
 
+    def bwd(i):
+        return lambda: L.lora_bwd_triton(dy, x, w, a, b, t, 2.0, 0.0, None, True, False)[i]
+
     return [
         case(LORA_SHRINK, lambda: L.lora_shrink(x, a, 1.0), xf @ af.t(), K=K, R=r, layout="a", M=M),
-        case(LORA_MATMUL, lambda: L.lora_matmul(x, w, t, b, None, 2.0), xf @ wf.t() + 2.0 * (t @ bf.t()),
-             N=N, K=K, layout="w", M=M),
-        case(LORA_SHRINK, lambda: L.lora_shrink(dy, b.t(), 2.0), 2.0 * dyf @ bf, K=N, R=r, layout="aT", M=M),
-        case(LORA_GRAD, lambda: L.lora_grad(dy, t, 2.0), 2.0 * dyf.t() @ t, P=N, R=r, layout="o", M=M),
-        case(LORA_GRAD, lambda: L.lora_grad(x, dt, 1.0, transpose_out=True), dt.t() @ xf, P=K, R=r, layout="oT",
-             M=M),
-        case(LORA_MATMUL, lambda: L.lora_matmul(dy, w.t(), dt, a.t(), None, 1.0), dyf @ wf + dt @ af,
-             N=K, K=N, layout="wT", M=M),
+        case(gemm, lambda: L.lora_fwd_triton(x, w, a, b, None, 2.0, 0.0, None)[0],
+             xf @ wf.t() + 2.0 * (t @ bf.t()), N=N, K=K, layout="w", M=M),
+        case(LORA_DY, bwd(2), 2.0 * dyf.t() @ t, N=N, R=r, M=M),
+        case(LORA_X, bwd(1), dt.t() @ xf, K=K, R=r, M=M),
+        case(gemm, bwd(0), dyf @ wf + dt @ af, N=K, K=N, layout="wT", M=M),
     ]
 
 
@@ -109,12 +111,10 @@ def tune_cases(cases: list[Case], timer=default_timer, tolerance: float = 2e-2, 
     done = 0
     for case in cases:
         var = pin_variable(case.kernel)
-        saved = os.environ.get(var)
         timings = []
-        try:
-            for cfg in [case.default] + [c for c in case.space if c != case.default]:
-                _progress(done, total, f"{case.kernel} {case.key} {cfg}", stream)
-                os.environ[var] = json.dumps(cfg.to_dict())
+        for cfg in [case.default] + [c for c in case.space if c != case.default]:
+            _progress(done, total, f"{case.kernel} {case.key} {cfg}", stream)
+            with cache.env_override(var, json.dumps(cfg.to_dict())):  # pinned, the plans rebuilt
                 try:
                     out = case.run()
                     err = _rel_err(out, case.reference)
@@ -122,13 +122,8 @@ def tune_cases(cases: list[Case], timer=default_timer, tolerance: float = 2e-2, 
                 except Exception as e:  # a config that fails to launch loses, it does not abort the run
                     err, ms = math.inf, math.inf
                     print(f"\n{case.kernel} {case.key} {cfg}: {type(e).__name__}: {str(e)[:200]}", file=stream)
-                timings.append((cfg, ms, err))
-                done += 1
-        finally:
-            if saved is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = saved
+            timings.append((cfg, ms, err))
+            done += 1
         default_ms = timings[0][1]
         ok = [(cfg, ms, err) for cfg, ms, err in timings if err <= tolerance and math.isfinite(ms)]
         if not ok:

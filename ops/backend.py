@@ -28,6 +28,8 @@ def interpreter_enabled() -> bool:
 
 
 def check_backend(backend: str | None) -> str:
+    if backend in BACKENDS:  # already checked (the ops pass it on): the per-call fast path
+        return backend
     if backend is None:
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
     backend = backend.lower()
@@ -95,3 +97,60 @@ def call_op(op, impl, *args):
         return op(*args)
     OP_CALLS[impl.__name__] += 1  # what ran: tests (and users) check that a model really uses the kernels
     return impl(*args)
+
+
+# ---------------------------------------------------------------- which GEMM kernel
+GEMM_VAR = "POSTTRAIN_KERNELS_GEMM"
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def aligned(*tensors) -> bool:
+    """Every tensor's data starts on a 16-byte boundary (what TMA needs)."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+    return True
+
+
+def gemm_path(x: torch.Tensor, w: torch.Tensor, n_out: int, choice: str | None, x_tma: bool = True) -> str:
+    """``"tma"`` when the sm_90 GEMM may run on these operands, else ``"portable"``.
+
+    ``choice``: the value of ``POSTTRAIN_KERNELS_GEMM`` (``auto`` when unset:
+    the TMA kernel on sm_90 and newer; ``tma`` also under the interpreter,
+    which runs tensor descriptors; ``portable``). TMA needs 16-bit data, the
+    weight ``w`` ([n_out, K] view) with a unit-stride dimension and a 16-byte
+    aligned other stride, and, when x is read through a descriptor too
+    (``x_tma``), the same of x's rows and of the contiguous output's rows.
+    Anything else takes the portable kernel, whatever the choice."""
+    choice = (choice or "auto").lower()
+    if choice not in ("auto", "tma", "portable"):
+        raise ValueError(f"{GEMM_VAR} must be auto, tma or portable, got {choice!r}")
+    if choice == "portable" or x.dtype not in _SIXTEEN_BIT:
+        return "portable"
+    if choice == "auto" and (compute_capability(x.device) or 0) < 90:
+        return "portable"
+    es = x.element_size()
+    w_ok = ((w.stride(1) == 1 and (w.stride(0) * es) % 16 == 0)
+            or (w.stride(0) == 1 and (w.stride(1) * es) % 16 == 0)) and aligned(w)
+    x_ok = not x_tma or (x.stride(1) == 1 and (x.stride(0) * es) % 16 == 0 and (n_out * es) % 16 == 0
+                         and aligned(x))
+    return "tma" if w_ok and x_ok else "portable"
+
+
+def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a global scratch allocator. It is a
+    per-thread context variable in Triton (autograd runs the backward on its
+    own thread), so it is checked before every TMA launch and set where none
+    is; an allocator the user set is kept."""
+    try:
+        from triton.runtime import _allocation
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        pass
+    import triton
+    triton.set_allocator(_tma_allocator)

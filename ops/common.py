@@ -2,7 +2,6 @@
 the rank cap, and the base of the layers that wrap a frozen ``nn.Linear``."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -101,10 +100,10 @@ def linear_autocast(x, weight, bias):
     floating inputs cast to the autocast dtype (the output then has that
     dtype), and a context that turns autocast off for the op's own internals
     (the reference's fp32 matmuls must stay fp32). Outside autocast: the
-    arguments unchanged and a no-op context."""
+    arguments unchanged and None for the context (nothing to enter)."""
     dtype = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
     if dtype is None or x.dtype not in FLOAT_DTYPES:
-        return x, weight, bias, contextlib.nullcontext()
+        return x, weight, bias, None
     cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES else t  # noqa: E731
     return cast(x), cast(weight), cast(bias), torch.autocast(x.device.type, enabled=False)
 

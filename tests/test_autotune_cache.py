@@ -122,8 +122,7 @@ def test_stale_entry_is_ignored_with_warning(isolated_cache):
 def test_tune_picks_fastest_checked_config_and_writes_cache(isolated_cache):
     torch.manual_seed(0)
     cases = tune.lora_cases(40, 48, 56, 4, torch.float16, torch.device("cpu"), 90)
-    assert [c.kernel for c in cases] == ["lora_shrink", "lora_matmul", "lora_shrink", "lora_grad", "lora_grad",
-                                         "lora_matmul"]
+    assert [c.kernel for c in cases] == ["lora_shrink", "lora_matmul_tma", "lora_dy", "lora_x", "lora_matmul_tma"]
     fake_ms = {}
 
     def timer(fn):

@@ -6,8 +6,10 @@ import pytest
 
 from posttrain_kernels.autotune import REGISTRY
 from posttrain_kernels.autotune import config as C
-from posttrain_kernels.autotune.lora import LORA_GRAD, LORA_MATMUL, LORA_SHRINK, matmul_smem, prune_matmul
-from posttrain_kernels.autotune.multi_lora import MULTI_LORA_GRAD, MULTI_LORA_MATMUL, MULTI_LORA_SHRINK
+from posttrain_kernels.autotune.lora import (LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X, matmul_smem,
+                                             prune_matmul, tma_smem)
+from posttrain_kernels.autotune.multi_lora import (MULTI_LORA_GRAD, MULTI_LORA_MATMUL, MULTI_LORA_MATMUL_TMA,
+                                                   MULTI_LORA_SHRINK)
 from posttrain_kernels.autotune.registry import AotVariant, KernelSpec
 
 SHAPES = [(1, 4096, 4096), (64, 4096, 4096), (300, 1024, 512), (8192, 4096, 4096), (8192, 14336, 4096)]
@@ -19,15 +21,22 @@ def test_defaults_are_in_the_compiled_space(cc, dtype):
     space = {name: {(c, br) for c, d, br in spec.compiled_space(cc) if d == dtype} for name, spec in REGISTRY.items()}
     for M, N, K in SHAPES:
         assert (LORA_MATMUL.default(dtype, cc, dict(N=N, K=K, layout="w", M=M)), None) in space["lora_matmul"]
+        if cc >= 90 and dtype != "float32":
+            for layout in ("w", "wT"):
+                assert (LORA_MATMUL_TMA.default(dtype, cc, dict(N=N, K=K, layout=layout, M=M)), None) \
+                    in space["lora_matmul_tma"]
         assert (MULTI_LORA_MATMUL.default(dtype, cc, dict(N=N, K=K, M=M)), None) in space["multi_lora_matmul"]
+        if cc >= 90 and dtype != "float32":
+            assert (MULTI_LORA_MATMUL_TMA.default(dtype, cc, dict(N=N, K=K, M=M)), None) \
+                in space["multi_lora_matmul_tma"]
         assert (MULTI_LORA_SHRINK.default(dtype, cc, dict(K=K, M=M)), None) in space["multi_lora_shrink"], M
         for r in (1, 16, 17, 64, 128, 256):
             assert (MULTI_LORA_GRAD.default(dtype, cc, dict(D=K, R=r, M=M)), None) in space["multi_lora_grad"], r
-            br = C.rank_block(r)
+            br = LORA_SHRINK.block_r(r)  # = LORA_DY's and LORA_X's
             assert (LORA_SHRINK.default(dtype, cc, dict(K=K, R=r, layout="a", M=M)), br) in space["lora_shrink"], \
                 (M, K, r)
-            assert (LORA_GRAD.default(dtype, cc, dict(P=N, R=r, layout="o", M=M)), br) in space["lora_grad"], \
-                (M, N, r)
+            assert (LORA_DY.default(dtype, cc, dict(N=N, R=r, M=M)), br) in space["lora_dy"], (M, N, r)
+            assert (LORA_X.default(dtype, cc, dict(K=K, R=r, M=M)), br) in space["lora_x"], (M, K, r)
     for name in ("moe_gather", "moe_segment_sum"):
         for D in (64, 1000, 4096):
             assert (REGISTRY[name].default(dtype, cc, dict(D=D)), None) in space[name], (name, D)
@@ -40,9 +49,15 @@ def test_pruning_respects_budget_and_dot_dims(cc):
         for c in LORA_MATMUL.configs(d, cc):
             assert matmul_smem(c, d) <= budget
             assert min(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) >= 16
-        for br in C.RANK_BLOCKS:
+        for br in LORA_SHRINK.block_rs():
             assert LORA_SHRINK.configs(d, cc, br), f"no shrink config for {d} R{br}"
-            assert LORA_GRAD.configs(d, cc, br), f"no grad config for {d} R{br}"
+            assert LORA_DY.configs(d, cc, br), f"no dY-pass config for {d} R{br}"
+            assert LORA_X.configs(d, cc, br), f"no x-pass config for {d} R{br}"
+        for c in LORA_MATMUL_TMA.configs(d, cc):
+            assert cc >= 90 and d != "float32" and tma_smem(c, d) <= budget
+    # The sm_90 kernel has a config for every 16-bit dtype there, and none below sm_90 or for fp32.
+    assert bool(LORA_MATMUL_TMA.configs("bfloat16", cc)) == (cc >= 90)
+    assert LORA_MATMUL_TMA.configs("float32", cc) == []
     # A config over budget is pruned.
     huge = C.Config.make(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
     assert prune_matmul([huge], "bfloat16", cc) == []

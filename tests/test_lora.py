@@ -262,3 +262,83 @@ def test_torch_compile_fullgraph(device):
     model.train()
     compiled(x).sum().backward()  # dropout on: the seed is generated inside the graph
     assert torch.isfinite(layer.lora_A.weight.grad).all() and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------- the sm_90 path, run by the interpreter
+TMA_CASES = [
+    pytest.param(37, 40, 48, 5, 0.0, True, id="fused-shrink-bias"),  # r ≤ 16: t from the GEMM's own x tiles
+    pytest.param(50, 64, 72, 24, 0.0, False, id="separate-shrink"),  # r > 16: the shrink runs first
+    pytest.param(33, 48, 40, 8, 0.2, True, id="dropout"),  # shrink with the mask; dx masks per quarter tile
+]
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32adapters"])
+@pytest.mark.parametrize("M,K,N,r,p,bias", TMA_CASES)
+def test_tma_path_forward_backward(M, K, N, r, p, bias, adapter_dtype, device, monkeypatch):
+    """The persistent TMA GEMM (tensor descriptors, which the interpreter
+    runs) against the references: forward y and t, backward dx through the
+    transposed-weight descriptor."""
+    from posttrain_kernels.ops.lora import launch as L
+    if device.type == "cpu":
+        monkeypatch.setenv(L.GEMM_VAR, "tma")
+    L.clear_plans()
+    x, w, a, b, bb = make_inputs((M,), K, N, r, torch.float16, adapter_dtype, device, bias=bias)
+    dy = torch.randn(M, N, device=device).to(torch.float16)
+    seed = torch.tensor([7], dtype=torch.int32, device=device)
+    fn = lambda x_, w_, a_, b_, bias_: pk.LoRALinearFunction.apply(  # noqa: E731
+        x_, w_, a_, b_, bias_, 1.3, p, seed if p else None, "auto")
+    check_against_refs(x, w, a, b, bb, 1.3, dy, p, seed if p else None, ours_fn=fn)
+    plans = list(L._PLANS.values())
+    assert plans and all(plan.info["tma"] for plan in plans), "the TMA GEMM did not run"
+    fwd = [plan for plan in plans if plan.launches[0] is None or len(plan.launches) == 2]
+    assert any((plan.launches[0] is None) == (r <= 16 and p == 0.0) for plan in fwd), \
+        "the shrink is fused exactly when r ≤ 16 and no dropout"
+
+
+def test_tma_path_falls_back_when_operands_do_not_allow(device, monkeypatch):
+    """K·2 bytes not a multiple of 16 (K = 33): no descriptor over x's rows,
+    so the launcher takes the portable GEMM, whatever the knob says."""
+    from posttrain_kernels.ops.lora import launch as L
+    monkeypatch.setenv(L.GEMM_VAR, "tma")
+    L.clear_plans()
+    x, w, a, b, bb = make_inputs((9,), 33, 24, 4, torch.float16, torch.float32, device)
+    dy = torch.randn(9, 24, device=device).to(torch.float16)
+    check_against_refs(x, w, a, b, bb, 0.5, dy)
+    assert L._PLANS and not any(plan.info["tma"] for plan in L._PLANS.values())
+
+
+def test_tma_backward_bitwise_deterministic(device, monkeypatch):
+    from posttrain_kernels.ops.lora import launch as L
+    if device.type == "cpu":
+        monkeypatch.setenv(L.GEMM_VAR, "tma")
+    x, w, a, b, bias = make_inputs((70,), 48, 56, 12, torch.float16, torch.float32, device)
+    dy = torch.randn(70, 56, device=device).to(torch.float16)
+    seed = torch.tensor([5], dtype=torch.int32, device=device)
+    runs = [run_with_grads(lambda x_, w_, a_, b_, bias_: pk.LoRALinearFunction.apply(
+        x_, w_, a_, b_, bias_, 0.7, 0.1, seed, "auto"), x, w, a, b, bias, dy) for _ in range(2)]
+    for name, u, v in zip(("y", "dx", "dA", "dB", "dbias"), *runs):
+        assert torch.equal(u, v), f"{name} differs between identical runs"
+
+
+def test_plans_are_memoised_and_reset_with_the_cache(device):
+    """One plan per call signature: a second call with the same shapes builds
+    nothing; another shape builds its own; resetting the tuning cache drops them."""
+    from posttrain_kernels.autotune import cache
+    from posttrain_kernels.ops.lora import launch as L
+    L.clear_plans()
+    x, w, a, b, bb = make_inputs((12,), 32, 24, 4, torch.float32, torch.float32, device)
+    for _ in range(2):
+        pk.lora_linear(x, w, a, b, 1.0, bb)
+    assert len(L._PLANS) == 1
+    first = next(iter(L._PLANS.values()))
+    pk.lora_linear(x, w, a, b, 1.0, bb)
+    assert next(iter(L._PLANS.values())) is first and len(L._PLANS) == 1
+    pk.lora_linear(x[:5], w, a, b, 1.0, bb)
+    assert len(L._PLANS) == 2
+    # Same x and the same strides of every operand, another out_features: a plan of its own.
+    w2, b2 = w[:16].clone(), b[:16].clone()
+    assert w2.stride() == w.stride() and b2.stride() == b.stride()
+    torch.testing.assert_close(pk.lora_linear(x, w2, a, b2, 1.0), ref.lora_linear_ref(x, w2, a, b2, 1.0))
+    assert len(L._PLANS) == 3
+    cache.reset()
+    assert not L._PLANS

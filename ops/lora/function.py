@@ -30,14 +30,14 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y, t = call_op(lora_fwd, lora_fwd_impl, x2d, weight, lora_a, lora_b, bias, scale,
                          dropout_p, seed, backend)
         ctx.save_for_backward(x2d, weight, lora_a, lora_b, t, seed)
         ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -45,13 +45,42 @@ class LoRALinearFunction(torch.autograd.Function):
         needs_dx = ctx.needs_input_grad[0]
         needs_dbias = ctx.needs_input_grad[4]
         dx, da, db, dbias = call_op(
-            lora_bwd, lora_bwd_impl, dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_a, lora_b, t,
+            lora_bwd, lora_bwd_impl, dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1]), x2d, weight, lora_a,
+            lora_b, t,
             ctx.scale, ctx.dropout_p, seed, needs_dx, needs_dbias, ctx.backend)
-        return (dx.reshape(ctx.x_shape) if needs_dx else None, None, da, db,
+        return (dx.reshape(ctx.x_shape) if needs_dx and len(ctx.x_shape) != 2 else dx if needs_dx else None, None,
+                da, db,
                 dbias.to(ctx.bias_dtype) if needs_dbias else None, None, None, None, None)
 
 
+# The C++ Function.apply, without the Python wrapper's functorch handling
+# (about 3 us a call): used in plain eager calls only; under torch.compile or
+# a functorch transform the full ``LoRALinearFunction.apply`` runs.
+_BASE_APPLY = super(torch.autograd.Function, LoRALinearFunction).apply
+
+
+def _apply(*args):
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return LoRALinearFunction.apply(*args)
+    return _BASE_APPLY(*args)
+
+
 # ---------------------------------------------------------------- functional
+_CHECKED: set = set()  # signatures that passed check_lora_args: a repeat call skips the checks
+
+
+def _signature(x, weight, lora_a, lora_b, scale, bias, dropout_p):
+    """What check_lora_args depends on, as a hashable key, or None when an
+    argument is not even a tensor (the full check then says which)."""
+    try:
+        return (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device, lora_a.shape, lora_a.dtype,
+                lora_a.device, lora_b.shape, lora_b.dtype, lora_b.device,
+                None if bias is None else (bias.shape, bias.dtype, bias.device), type(scale), scale,
+                type(dropout_p), dropout_p)
+    except AttributeError:
+        return None
+
+
 def check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
     """Raise ValueError naming the bad argument, before any kernel runs."""
     for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
@@ -98,7 +127,13 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     torch's RNG when None; tensor parallelism offsets it per shard).
     """
     x, weight, bias, autocast_off = linear_autocast(x, weight, bias)  # nn.Linear's dtype rule under autocast
-    check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p)
+    sig = _signature(x, weight, lora_a, lora_b, scale, bias, dropout_p)
+    if sig is None or sig not in _CHECKED:
+        check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p)
+        if sig is not None:
+            if len(_CHECKED) > 4096:
+                _CHECKED.clear()
+            _CHECKED.add(sig)
     backend = check_backend(backend)
     dropout_p = float(dropout_p)
     seed = None
@@ -112,5 +147,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
                   and seed.device == x.device, "dropout_seed",
                   f"expected an int32 [1] tensor on x's device, got {type(seed).__name__} "
                   f"{getattr(seed, 'dtype', '')} {tuple(getattr(seed, 'shape', ()))}")
+    if autocast_off is None:
+        return _apply(x, weight, lora_a, lora_b, bias, float(scale), dropout_p, seed, backend)
     with autocast_off:
-        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, float(scale), dropout_p, seed, backend)
+        return _apply(x, weight, lora_a, lora_b, bias, float(scale), dropout_p, seed, backend)

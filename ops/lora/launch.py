@@ -1,9 +1,26 @@
 """Fused-LoRA launchers: the only code of the feature that touches Triton.
 
-Each launcher: (1) shapes from its arguments, (2) config from the kernel's
-spec (pinned, tuned or default; ``autotune/cache.py``), (3) allocate,
-(4) launch with keyword arguments. Validation happens once, in the
+A call does little Python work: everything that depends only on the call's
+signature (shapes, strides, dtypes, device, flags, the environment knobs) —
+which kernels, their configs, grids, splits and integer arguments — is a
+``_Plan`` built once and memoised (``_PLANS``). A call looks its plan up,
+allocates its outputs and launches. Validation happens once, in the
 functional API (``function.py``), before any of this runs.
+
+Forward: on sm_90 (bf16/fp16, TMA-aligned operands) the persistent TMA GEMM
+(``_lora_matmul_tma_kernel``), which also computes t from its own x tiles
+when it can (no dropout, r ≤ 16): one launch. Elsewhere, or with dropout, the
+shrink first, then the GEMM (portable ``_lora_matmul_kernel`` below sm_90
+and under the interpreter). Backward: three launches (dY pass, x pass, dx
+GEMM), deterministic, no atomics.
+
+Knobs (read when a plan is built, as the tuning cache's variables are:
+after changing one in a running process, ``autotune.cache.reset()``):
+``POSTTRAIN_KERNELS_GEMM`` =
+``auto`` (default: TMA on sm_90 when the operands allow it), ``tma`` (also
+under the interpreter, which runs tensor descriptors: how the tests cover that
+kernel without a GPU) or ``portable``; ``POSTTRAIN_KERNELS_FUSE_SHRINK=0``
+keeps the shrink a separate launch (to measure one against the other).
 
 ``lora_fwd_triton`` / ``lora_bwd_triton`` have the signatures of
 ``reference.lora_fwd_ref`` / ``lora_bwd_ref``: the op (``op.py``) calls one
@@ -11,136 +28,269 @@ or the other.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import functools
+import os
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ...autotune.cache import select_config
-from ...autotune.config import rank_block
-from ...autotune.lora import LORA_GRAD, LORA_MATMUL, LORA_SHRINK
-from ..backend import device_info, num_sms
+from ...autotune.cache import RESET_HOOKS, select_config
+from ...autotune.lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X, MATMUL_BLOCK_R
+from ..backend import GEMM_VAR, aligned, device_info, ensure_tma_allocator, gemm_path, num_sms
 from ..common import cdiv, dtype_name
 from ..dropout import dropout_threshold
 
+FUSE_VAR = "POSTTRAIN_KERNELS_FUSE_SHRINK"
 
+
+# ---------------------------------------------------------------- plans
+class _Launch:
+    """One kernel launch minus its data: the kernel (from its spec), the grid
+    and every other argument. Each kernel lists its data first (the tensors,
+    then ``scale`` where the call supplies it); the plan holds the rest of
+    the argument list in order, so a call is ``launch(*data)``: one
+    positional launch, no keyword matching."""
+
+    def __init__(self, spec, grid: tuple, n_data: int, kwargs: dict):
+        names = [name for name, _ in spec.arguments()]
+        data, rest = names[:n_data], names[n_data:]
+        missing = [name for name in rest if name not in kwargs]
+        if missing or any(name in kwargs for name in data):
+            raise ValueError(f"{spec.name}: plan arguments do not match the kernel's ({missing or data})")
+        self.tail = tuple(kwargs[name] for name in rest)
+        extra = {k: v for k, v in kwargs.items() if k not in rest}  # num_warps, num_stages
+        self.run = functools.partial(spec.fn[grid], **extra)
+        self.grid = grid
+        self.kwargs = kwargs
+
+    def __call__(self, *data) -> None:
+        """Only a tensor's data pointer reaches the kernel: its strides are in
+        the plan, so a transposed view and its base are the same argument."""
+        self.run(*data, *self.tail)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    launches: tuple  # _Launch per kernel, in order (None where a step is skipped)
+    info: dict  # sizes the call needs for its allocations (splits, ...) and the path taken
+
+
+_PLANS: dict = {}
+
+
+def clear_plans() -> None:
+    """Forget every memoised plan (the tuning cache calls this when it is reset)."""
+    _PLANS.clear()
+
+
+RESET_HOOKS.append(clear_plans)
+
+
+def _plan(key: tuple, build: Callable[[], _Plan]) -> _Plan:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:  # many distinct shapes: start over rather than grow
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
+
+
+def _env() -> tuple:
+    """The two knobs of this module. Like the tuning cache's variables (pins,
+    ``POSTTRAIN_KERNELS_TUNING``, the cache folder), they are read when a plan
+    is built, not per call: after changing any of them in a running process,
+    call ``posttrain_kernels.autotune.cache.reset()`` (``tune`` does)."""
+    return os.environ.get(GEMM_VAR), os.environ.get(FUSE_VAR)
+
+
+def _gemm_launch(x: Tensor, w: Tensor, t_strides: tuple, u: Tensor, has_bias: bool, R: int,
+                 dropout_p: float, path: str, fuse: bool, stride_ar: int = 0) -> _Launch:
+    """The launch of y [M, N] = x [M, K]·wᵀ + scale·(t [M, R]·uᵀ)(⊙ keep) + bias, w as [N, K]; the
+    call passes ``scale`` (dropout's 1/(1-p) included)."""
+    M, K = x.shape
+    N = w.shape[0]
+    has_dropout = dropout_p > 0.0
+    common = dict(M=M, N=N, K=K, R=R, stride_tm=t_strides[0], stride_tr=t_strides[1],
+                  stride_un=u.stride(0), stride_ur=u.stride(1), drop_threshold=dropout_threshold(dropout_p),
+                  HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout)
+    if path == "tma":
+        w_nmajor = w.stride(0) == 1 and w.stride(1) != 1
+        cfg = select_config(LORA_MATMUL_TMA, dtype_name(x.dtype), device_info(x.device),
+                            N=N, K=K, layout="wT" if w_nmajor else "w", M=M)
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        programs = max(1, min(tiles, num_sms(x.device)))
+        return _Launch(LORA_MATMUL_TMA, (programs,), 9, dict(
+            common, num_programs=programs, stride_xm=x.stride(0), stride_w=w.stride(1) if w_nmajor else w.stride(0),
+            stride_ar=stride_ar, stride_ym=N, W_NMAJOR=w_nmajor, FUSE_SHRINK=fuse,
+            **LORA_MATMUL_TMA.launch_kwargs(cfg)))
+    cfg = select_config(LORA_MATMUL, dtype_name(x.dtype), device_info(x.device),
+                        N=N, K=K, layout="w" if w.stride(1) == 1 else "wT", M=M)
+    return _Launch(LORA_MATMUL, (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), 8, dict(
+        common, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
+        stride_ym=N, stride_yn=1, EVEN_K=K % cfg["BLOCK_K"] == 0, **LORA_MATMUL.launch_kwargs(cfg)))
+
+
+def _shrink_launch(x: Tensor, a: Tensor, dropout_p: float) -> _Launch:
+    """The launch of t [M, R] fp32 = scale · drop(x) [M, K] · aᵀ, a as [R, K] (any strides); the call
+    passes ``scale`` (dropout's 1/(1-p) included)."""
+    M, K = x.shape
+    R = a.shape[0]
+    cfg = select_config(LORA_SHRINK, dtype_name(x.dtype), device_info(x.device),
+                        K=K, R=R, layout="a" if a.stride(1) == 1 else "aT", M=M)
+    block_r = LORA_SHRINK.block_r(R)
+    return _Launch(LORA_SHRINK, (cdiv(M, cfg["BLOCK_M"]), cdiv(R, block_r)), 5, dict(
+        M=M, K=K, R=R, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=a.stride(0), stride_ak=a.stride(1),
+        stride_tm=R, stride_tr=1, drop_threshold=dropout_threshold(dropout_p), HAS_DROPOUT=dropout_p > 0.0,
+        **LORA_SHRINK.launch_kwargs(cfg, block_r)))
+
+
+def _seed(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
+    return seed if dropout_p > 0.0 else dummy
+
+
+# ---------------------------------------------------------------- forward
+def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    path = gemm_path(x, weight, N, env[0])
+    fuse = (path == "tma" and dropout_p == 0.0 and R <= MATMUL_BLOCK_R and (env[1] or "1") != "0")
+    # The fused shrink reads A through a descriptor, in x's dtype: cast (R·K elements) unless it already is.
+    cast_a = fuse and not (lora_a.dtype == x.dtype and lora_a.stride(1) == 1 and aligned(lora_a)
+                           and (lora_a.stride(0) * x.element_size()) % 16 == 0)
+    shrink = None if fuse else _shrink_launch(x, lora_a, dropout_p)
+    gemm = _gemm_launch(x, weight, (R, 1), lora_b, bias is not None, R, 0.0, path, fuse,
+                        stride_ar=K if cast_a else lora_a.stride(0))
+    return _Plan((shrink, gemm), {"tma": path == "tma", "cast_a": cast_a})
+
+
+def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
+    """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, t
+    key = ("fwd", x.shape, weight.shape, lora_a.shape, x.stride(), weight.stride(), lora_a.stride(), lora_b.stride(),
+           x.dtype, lora_a.dtype,
+           lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, aligned(x, weight, lora_a))
+    plan = _PLANS.get(key) or _plan(key, lambda: _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, _env()))
+    shrink, gemm = plan.launches
+    if shrink is not None:
+        shrink(x, lora_a, t, _seed(seed, dropout_p, t), 1.0 / (1.0 - dropout_p))
+    bias_t = bias.contiguous() if bias is not None else y  # the kernels read bias at unit stride
+    if plan.info["tma"]:
+        ensure_tma_allocator()
+        a16 = lora_a.to(x.dtype, memory_format=torch.contiguous_format) if plan.info["cast_a"] else lora_a
+        gemm(x, weight, t, lora_b, a16, bias_t, y, y, float(scale))
+    else:
+        gemm(x, weight, t, lora_b, bias_t, y, y, float(scale))
+    return y, t
+
+
+# ---------------------------------------------------------------- backward
+def _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, env) -> _Plan:
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    block_r = LORA_DY.block_r(R)  # = LORA_X.block_r(R)
+    r_chunks = cdiv(R, block_r)
+    dtype, dev = dtype_name(x.dtype), device_info(x.device)
+    sms = num_sms(x.device)
+    # dY pass: about one program per SM, each owning whole row blocks (its dt rows, one dB/dbias slab).
+    cfg = select_config(LORA_DY, dtype, dev, N=N, R=R, M=M)
+    m_blocks = cdiv(M, cfg["BLOCK_M"])
+    rows_per_split = cdiv(m_blocks, min(m_blocks, sms)) * cfg["BLOCK_M"]
+    split = cdiv(M, rows_per_split)
+    dy_pass = _Launch(LORA_DY, (split, r_chunks), 7, dict(
+        M=M, N=N, R=R, rows_per_split=rows_per_split,
+        stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+        stride_tm=R, stride_tr=1, stride_dtm=R, stride_dtr=1, stride_dbs=N * R, stride_dbn=R, stride_dbr=1,
+        stride_dbias_s=N, HAS_DBIAS=needs_dbias, **LORA_DY.launch_kwargs(cfg, block_r)))
+    # x pass: dA over every row, one program per BLOCK_K columns, then the slab sums.
+    cfg = select_config(LORA_X, dtype, dev, K=K, R=R, M=M)
+    k_programs = cdiv(K, cfg["BLOCK_K"])
+    x_pass = _Launch(LORA_X, (k_programs + cdiv(N, cfg["BLOCK_N"]), r_chunks), 8, dict(
+        M=M, K=K, R=R, N=N, SPLIT=split, k_programs=k_programs,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_dtm=R, stride_dtr=1, stride_dar=K, stride_dak=1,
+        stride_dbs=N * R, stride_dbn=R, stride_dbr=1, stride_dbias_s=N,
+        scale=1.0 / (1.0 - dropout_p), drop_threshold=dropout_threshold(dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0, HAS_DBIAS=needs_dbias, **LORA_X.launch_kwargs(cfg, block_r)))
+    # dx = dY·W0 + (dt·A)⊙keep/(1-p): W0 [N, K] read as a [K, N] "w", A [R, K] as a [K, R] "u".
+    dx = None
+    path = "portable"
+    if needs_dx:
+        wt = weight.t()
+        path = gemm_path(dy, wt, K, env[0])
+        dx = _gemm_launch(dy, wt, (R, 1), lora_a.t(), False, R, dropout_p, path, False)
+    return _Plan((dy_pass, x_pass, dx), {"tma": path == "tma", "split": split})
+
+
+def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias):
+    """(dx [M, K] or empty, dA [R, K], dB [N, R] in the adapters' dtypes, dbias [N] fp32 or empty)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    if M == 0:
+        return (x.new_empty((0, K)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_a),
+                torch.zeros_like(lora_b), dy.new_zeros((N,) if needs_dbias else (0,), dtype=torch.float32))
+    key = ("bwd", x.shape, weight.shape, lora_a.shape, dy.stride(), x.stride(), weight.stride(), lora_a.stride(),
+           lora_b.stride(), x.dtype,
+           lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device, aligned(dy, weight))
+    plan = _PLANS.get(key) or _plan(
+        key, lambda: _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, _env()))
+    dy_pass, x_pass, dx_gemm = plan.launches
+    dev, f32 = x.device, torch.float32
+    split = plan.info["split"]
+    dt = torch.empty((M, R), device=dev, dtype=f32)
+    db_part = torch.empty((split, N, R), device=dev, dtype=f32)
+    da = torch.empty((R, K), device=dev, dtype=lora_a.dtype)  # the x pass writes the adapters' dtype
+    db = torch.empty((N, R), device=dev, dtype=lora_b.dtype)
+    if needs_dbias:
+        dbias_part = torch.empty((split, N), device=dev, dtype=f32)
+        dbias = torch.empty((N,), device=dev, dtype=f32)
+    else:
+        dbias_part, dbias = db_part, db_part.new_empty(0)  # not read
+    dy_pass(dy, lora_b, t, dt, db_part, dbias_part, float(scale))
+    x_pass(x, dt, da, _seed(seed, dropout_p, dt), db_part, db, dbias_part, dbias if needs_dbias else dt)
+    if dx_gemm is not None:
+        # W0 and A are read transposed: the plan has their strides, the kernel takes their data.
+        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        if plan.info["tma"]:
+            ensure_tma_allocator()
+            dx_gemm(dy, weight, dt, lora_a, dx, dx, dx, _seed(seed, dropout_p, dx), 1.0 / (1.0 - dropout_p))
+        else:
+            dx_gemm(dy, weight, dt, lora_a, dx, dx, _seed(seed, dropout_p, dx), 1.0 / (1.0 - dropout_p))
+    else:
+        dx = x.new_empty(0)
+    return dx, da, db, dbias
+
+
+# ---------------------------------------------------------------- single kernels (tuning, tests)
 def lora_shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0,
                 seed: Optional[Tensor] = None) -> Tensor:
     """t [M, R] fp32 = scale · drop(x) [M, K] · aᵀ, with a given as [R, K] (any strides)."""
-    M, K = x.shape
-    R = a.shape[0]
-    t = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    if M == 0:
-        return t
-    cfg = select_config(LORA_SHRINK, dtype_name(x.dtype), device_info(x.device),
-                        K=K, R=R, layout="a" if a.stride(1) == 1 else "aT", M=M)
-    has_dropout = dropout_p > 0.0
-    LORA_SHRINK.fn[(cdiv(M, cfg["BLOCK_M"]),)](
-        x_ptr=x, a_ptr=a, t_ptr=t, seed_ptr=seed if has_dropout else t,
-        M=M, K=K, R=R,
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_ar=a.stride(0), stride_ak=a.stride(1),
-        stride_tm=t.stride(0), stride_tr=t.stride(1),
-        scale=float(scale) / (1.0 - dropout_p), drop_threshold=dropout_threshold(dropout_p),
-        HAS_DROPOUT=has_dropout, **LORA_SHRINK.launch_kwargs(cfg, rank_block(R)),
-    )
+    t = torch.empty((x.shape[0], a.shape[0]), device=x.device, dtype=torch.float32)
+    if x.shape[0]:
+        _shrink_launch(x, a, dropout_p)(x, a, t, _seed(seed, dropout_p, t), float(scale) / (1.0 - dropout_p))
     return t
 
 
 def lora_matmul(x: Tensor, w: Tensor, t: Tensor, u: Tensor, bias: Optional[Tensor], scale: float,
                 dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
-    """y [M, N] = x [M, K]·wᵀ + scale·(t [M, R]·uᵀ)(⊙ keep/(1-p)) + bias, w as [N, K], u as [N, R]."""
-    M, K = x.shape
-    N = w.shape[0]
-    R = t.shape[1]
+    """y [M, N] = x [M, K]·wᵀ + scale·(t [M, R]·uᵀ)(⊙ keep/(1-p)) + bias, w as [N, K], u as [N, R]:
+    the GEMM alone, on the path the launchers would take (``POSTTRAIN_KERNELS_GEMM``)."""
+    M, N = x.shape[0], w.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    cfg = select_config(LORA_MATMUL, dtype_name(x.dtype), device_info(x.device),
-                        N=N, K=K, layout="w" if w.stride(1) == 1 else "wT", M=M)
-    has_dropout = dropout_p > 0.0
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    LORA_MATMUL.fn[grid](
-        x_ptr=x, w_ptr=w, t_ptr=t, u_ptr=u,
-        bias_ptr=bias.contiguous() if bias is not None else y, y_ptr=y,  # the kernel reads bias at unit stride
-        seed_ptr=seed if has_dropout else y,
-        M=M, N=N, K=K, R=R,
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_wn=w.stride(0), stride_wk=w.stride(1),
-        stride_tm=t.stride(0), stride_tr=t.stride(1),
-        stride_un=u.stride(0), stride_ur=u.stride(1),
-        stride_ym=y.stride(0), stride_yn=y.stride(1),
-        scale=float(scale) / (1.0 - dropout_p), drop_threshold=dropout_threshold(dropout_p),
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, EVEN_K=K % cfg["BLOCK_K"] == 0,
-        **LORA_MATMUL.launch_kwargs(cfg),
-    )
+    path = gemm_path(x, w, N, _env()[0])
+    launch = _gemm_launch(x, w, t.stride(), u, bias is not None, t.shape[1], dropout_p, path, False)
+    bias_t = bias.contiguous() if bias is not None else y
+    s = float(scale) / (1.0 - dropout_p)
+    if path == "tma":
+        ensure_tma_allocator()
+        launch(x, w, t, u, y, bias_t, y, _seed(seed, dropout_p, y), s)  # a_ptr unused: y stands in
+    else:
+        launch(x, w, t, u, bias_t, y, _seed(seed, dropout_p, y), s)
     return y
-
-
-def lora_grad(x: Tensor, t: Tensor, scale: float, dropout_p: float = 0.0,
-              seed: Optional[Tensor] = None, transpose_out: bool = False) -> Tensor:
-    """o [P, R] fp32 = scale · drop(x)ᵀ [P, M] · t [M, R], reduced over M deterministically.
-
-    ``x`` [M, P] is x for dA and dY for dB. ``transpose_out`` returns oᵀ
-    [R, P] instead (contiguous; the kernel writes the transposed slabs
-    directly)."""
-    M, P = x.shape
-    R = t.shape[1]
-    cfg = select_config(LORA_GRAD, dtype_name(x.dtype), device_info(x.device),
-                        P=P, R=R, layout="oT" if transpose_out else "o", M=M)
-    block_m, block_p = cfg["BLOCK_M"], cfg["BLOCK_P"]
-    # Split M so that the grid fills the machine about twice; every split
-    # owns a whole number of BLOCK_M rows. The split count depends only on
-    # the shape and the device, so the summation order is fixed.
-    p_blocks = cdiv(P, block_p)
-    m_blocks = max(1, cdiv(M, block_m))
-    split = max(1, min(m_blocks, cdiv(2 * num_sms(x.device), p_blocks)))
-    rows_per_split = cdiv(m_blocks, split) * block_m
-    split = max(1, cdiv(M, rows_per_split))
-    if transpose_out:
-        partial = torch.empty((split, R, P), device=x.device, dtype=torch.float32)
-        stride_op, stride_or = partial.stride(2), partial.stride(1)
-    else:
-        partial = torch.empty((split, P, R), device=x.device, dtype=torch.float32)
-        stride_op, stride_or = partial.stride(1), partial.stride(2)
-    has_dropout = dropout_p > 0.0
-    LORA_GRAD.fn[(p_blocks, split)](
-        x_ptr=x, t_ptr=t, o_ptr=partial, seed_ptr=seed if has_dropout else partial,
-        M=M, P=P, R=R, rows_per_split=rows_per_split,
-        stride_xm=x.stride(0), stride_xp=x.stride(1),
-        stride_tm=t.stride(0), stride_tr=t.stride(1),
-        stride_os=partial.stride(0), stride_op=stride_op, stride_or=stride_or,
-        scale=float(scale) / (1.0 - dropout_p), drop_threshold=dropout_threshold(dropout_p),
-        HAS_DROPOUT=has_dropout, **LORA_GRAD.launch_kwargs(cfg, rank_block(R)),
-    )
-    # Fixed-order sum over the splits (no atomics anywhere): bitwise reproducible.
-    return partial[0] if split == 1 else partial.sum(0)
-
-
-def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
-    """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]: shrink, then one fused GEMM."""
-    t = lora_shrink(x, lora_a, 1.0, dropout_p, seed)
-    y = lora_matmul(x, weight, t, lora_b, bias, scale)
-    return y, t
-
-
-def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias):
-    """(dx [M, K] or empty, dA [R, K], dB [N, R], dbias [N] fp32 or empty)."""
-    M = x.shape[0]
-    if M == 0:
-        dt = dy.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
-    else:
-        # dt = s·dY·B: B [N, R] read as the "A" [R, N] of the shrink.
-        dt = lora_shrink(dy, lora_b.t(), scale)
-    # dB = s·dYᵀ·t [N, R]; dA = dtᵀ·drop(x) [R, K], reduced as (drop(x)ᵀ·dt)ᵀ.
-    db = lora_grad(dy, t, scale) if M else dy.new_zeros(lora_b.shape, dtype=torch.float32)
-    da = (lora_grad(x, dt, 1.0, dropout_p, seed, transpose_out=True) if M
-          else x.new_zeros(lora_a.shape, dtype=torch.float32))
-    if needs_dx:
-        # dx = dY·W0 + (dt·A)⊙keep/(1-p): W0 [N, K] read as a [K, N] "w",
-        # A [R, K] read as a [K, R] "u".
-        dx = lora_matmul(dy, weight.t(), dt, lora_a.t(), None, 1.0, dropout_p, seed)
-    else:
-        dx = x.new_empty(0)
-    dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else dy.new_empty(0, dtype=torch.float32)
-    return dx, da.to(lora_a.dtype), db.to(lora_b.dtype), dbias

@@ -151,7 +151,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     if isinstance(weight, Tensor):
         x, weight, bias, autocast_off = linear_autocast(x, weight, bias)  # nn.Linear's dtype rule under autocast
     else:
-        autocast_off = contextlib.nullcontext()
+        autocast_off = None
+    autocast_off = autocast_off or contextlib.nullcontext()
     slices, S, n_sl = check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids, bias, slices,
                                             dropout_p)
     N, K = weight.shape

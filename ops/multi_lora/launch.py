@@ -18,14 +18,15 @@ launchers take those:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ...autotune.cache import select_config
-from ...autotune.multi_lora import MULTI_LORA_GRAD, MULTI_LORA_MATMUL, MULTI_LORA_SHRINK
-from ..backend import device_info, num_sms
+from ...autotune.multi_lora import MULTI_LORA_GRAD, MULTI_LORA_MATMUL, MULTI_LORA_MATMUL_TMA, MULTI_LORA_SHRINK
+from ..backend import GEMM_VAR, device_info, ensure_tma_allocator, gemm_path, num_sms
 from ..common import cdiv, dtype_name
 from ..dropout import multi_dropout_tables
 
@@ -175,19 +176,30 @@ def matmul(x: Tensor, w: Tensor, bias: Optional[Tensor], rows: RowOrder, t: Tens
     ``sliced_output`` slice i writes its own columns only."""
     M, K = x.shape
     N = w.shape[0]
-    cfg = select_config(MULTI_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device), N=N, K=K, M=M)
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    MULTI_LORA_MATMUL.fn[grid](
-        x_ptr=x, w_ptr=w, bias_ptr=bias.contiguous() if bias is not None else y,  # read at unit stride
+    common = dict(
+        x_ptr=x, bias_ptr=bias.contiguous() if bias is not None else y,  # read at unit stride
         perm_ptr=rows.perm, sid_ptr=rows.sid,
         t_ptr=t, b_ptr=b.data, rank_ptr=stack.ranks, scale_ptr=stack.scales, bounds_ptr=stack.bounds, y_ptr=y,
-        M=M, N=N, K=K, R_MAX=stack.max_rank, SLOTS=stack.slots,
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
+        M=M, N=N, K=K, R_MAX=stack.max_rank, SLOTS=stack.slots, stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_tm=t.stride(0), stride_tr=t.stride(1),
         stride_bs=b.stride_s, stride_b_slice=b.stride_slice, stride_bn=b.stride_r, stride_br=b.stride_c,
         stride_ym=y.stride(0), stride_yn=y.stride(1), HAS_BIAS=bias is not None, SLICED_OUTPUT=sliced_output,
-        NUM_SLICES=stack.num_slices, **stack.drop_kwargs(dropout, stack.bounds),
-        **MULTI_LORA_MATMUL.launch_kwargs(cfg))
+        NUM_SLICES=stack.num_slices, **stack.drop_kwargs(dropout, stack.bounds))
+    # sm_90: the persistent kernel with the weight through TMA (x's rows are
+    # gathered by pointer either way, so only the weight must be aligned).
+    if gemm_path(x, w, N, os.environ.get(GEMM_VAR), x_tma=False) == "tma":
+        ensure_tma_allocator()
+        cfg = select_config(MULTI_LORA_MATMUL_TMA, dtype_name(x.dtype), device_info(x.device), N=N, K=K, M=M)
+        w_nmajor = w.stride(0) == 1 and w.stride(1) != 1
+        programs = max(1, min(cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), num_sms(x.device)))
+        MULTI_LORA_MATMUL_TMA.fn[(programs,)](
+            w_ptr=w, num_programs=programs, stride_w=w.stride(1) if w_nmajor else w.stride(0), W_NMAJOR=w_nmajor,
+            **common, **MULTI_LORA_MATMUL_TMA.launch_kwargs(cfg))
+        return
+    cfg = select_config(MULTI_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device), N=N, K=K, M=M)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    MULTI_LORA_MATMUL.fn[grid](w_ptr=w, stride_wn=w.stride(0), stride_wk=w.stride(1), **common,
+                               **MULTI_LORA_MATMUL.launch_kwargs(cfg))
 
 
 def grad(p: Tensor, q: Tensor, rows: RowOrder, seg: Tensor, stack: AdapterStack, o: SlotMatrix,
