@@ -13,7 +13,13 @@ Each spec lists its AOT variants (operand layout, flags, pointer dtypes,
 integer specialisation). The variants are dealt round-robin over the
 kernel's (dtype, rank block, config) jobs, so each layout is compiled across
 the whole space without multiplying the compile count; a spec with two
-variants compiles each on every other job.
+variants compiles each on every other job. On sm_90 the configs the
+heuristic defaults pick (``KernelSpec.defaults``) are compiled with every variant, and
+their rows carry what the SASS says (read with the ``cuobjdump`` Triton
+bundles): registers, stack bytes, and the counts of ``HGMMA`` (wgmma),
+``UTMALDG``/``UTMASTG`` (TMA), ``LDGSTS`` (cp.async) and ``LDL``/``STL``
+(spills). ``tests/test_aot_compile.py`` asserts no spills for each of them and
+the Hopper instructions for the sm_90 GEMM.
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 from . import REGISTRY
@@ -31,13 +40,46 @@ _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 
 
 def jobs(cc: int, kernels: list[str] | None = None) -> list[tuple]:
-    """(kernel, cc, config dict, dtype, rank block, variant index) of every compile."""
-    out = []
+    """(kernel, cc, config dict, dtype, rank block, variant index, is a default pick) of every compile."""
+    out, seen = [], {}
     for name, spec in REGISTRY.items():
         if kernels is not None and name not in kernels:
             continue
         for i, (cfg, dtype, block_r) in enumerate(spec.compiled_space(cc)):
-            out.append((name, cc, cfg.to_dict(), dtype, block_r, i % len(spec.variants)))
+            job = (name, cc, cfg.to_dict(), dtype, block_r, i % len(spec.variants))
+            seen[_ident(job)] = len(out)
+            out.append(job + (False,))
+        for cfg, dtype, block_r in sorted(spec.defaults(cc) if cc >= 90 else (), key=str):
+            for v in range(len(spec.variants)):
+                job = (name, cc, cfg.to_dict(), dtype, block_r, v)
+                if _ident(job) in seen:
+                    out[seen[_ident(job)]] = job + (True,)
+                else:
+                    seen[_ident(job)] = len(out)
+                    out.append(job + (True,))
+    return out
+
+
+def _ident(job: tuple) -> str:
+    return json.dumps(job[:6], sort_keys=True)
+
+
+SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "LDL", "STL")
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Registers, stack bytes and instruction counts of a cubin, from Triton's bundled cuobjdump."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    out = {"regs": int(usage.group(1)), "stack": int(usage.group(2))}
+    out.update({op: len(re.findall(r"\b" + op + r"\b", sass)) for op in SASS_OPS})
     return out
 
 
@@ -74,11 +116,11 @@ def compile_one(job: tuple) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, cc, cfg_dict, dtype, block_r, variant = job
+    kernel, cc, cfg_dict, dtype, block_r, variant, is_default = job
     spec = REGISTRY[kernel]
     cfg = Config.from_dict(cfg_dict)
     row = {"kernel": kernel, "cc": cc, "dtype": dtype, "block_r": block_r, "config": cfg_dict,
-           "variant": spec.variants[variant].name}
+           "variant": spec.variants[variant].name, "default": is_default}
     t0 = time.time()
     try:
         sig, constexprs, attrs = signature(spec, cfg, dtype, block_r, variant)
@@ -89,6 +131,8 @@ def compile_one(job: tuple) -> dict:
         budget = SMEM_BYTES[cc]
         row.update(ok=shared <= budget, shared=shared, budget=budget,
                    error=None if shared <= budget else f"shared memory {shared} > {budget}")
+        if is_default:
+            row["sass"] = sass_stats(compiled.asm["cubin"])
     except Exception as e:  # report every failure, not only the first
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
     row["seconds"] = round(time.time() - t0, 2)
@@ -120,6 +164,8 @@ def run(ccs: list[int], workers: int, kernels: list[str] | None = None, progress
 
 def _print_progress(done: int, total: int, row: dict) -> None:
     status = "ok" if row["ok"] else "FAIL"
+    if row.get("sass"):
+        status += f" regs {row['sass']['regs']} stack {row['sass']['stack']}"
     print(f"[{done}/{total}] sm_{row['cc']} {row['kernel']} {row['dtype']}"
           f"{'' if row['block_r'] is None else ' R' + str(row['block_r'])} {status} {row['seconds']:.1f}s",
           file=sys.stderr, flush=True)
@@ -141,6 +187,10 @@ def main(argv=None) -> int:
     bad = [r for r in rows if not r["ok"]]
     for r in bad:
         print(f"FAIL {r['kernel']} sm_{r['cc']} {r['dtype']} R{r['block_r']} {r['config']}: {r['error']}")
+    for r in rows:
+        if r.get("sass") and (r["sass"]["stack"] or r["sass"]["LDL"] or r["sass"]["STL"]):
+            print(f"SPILLS {r['kernel']} sm_{r['cc']} {r['dtype']} R{r['block_r']} {r['config']} "
+                  f"({r['variant']}): {r['sass']}")
     print(f"compiled {len(rows) - len(bad)}/{len(rows)} kernel configs for {', '.join('sm_%d' % c for c in ccs)}")
     return 1 if bad else 0
 

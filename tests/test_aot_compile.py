@@ -3,7 +3,10 @@
 Runs ``posttrain_kernels.autotune.aot`` in a subprocess without
 TRITON_INTERPRET (the interpreter replaces the JIT functions in this
 process). Catches what the interpreter hides: dot dims < 16, shared memory
-over the target's budget, dtype combinations the compiler rejects.
+over the target's budget, dtype combinations the compiler rejects. On sm_90
+it also reads the SASS of every config the launchers pick by default, with
+every variant: no register spills anywhere, and the Hopper path (wgmma,
+TMA) in the sm_90 GEMMs.
 """
 import json
 import os
@@ -12,7 +15,7 @@ import sys
 
 import pytest
 
-from posttrain_kernels.autotune import REGISTRY
+from posttrain_kernels.autotune import REGISTRY, aot
 from posttrain_kernels.autotune import config as C
 
 pytestmark = pytest.mark.aot
@@ -36,9 +39,35 @@ def test_every_config_compiles(cc, tmp_path):
     seen = {(r["kernel"], r["dtype"], r["block_r"]) for r in rows}
     for d in C.DTYPES:
         assert ("lora_matmul", d, None) in seen
-        for br in C.RANK_BLOCKS:
-            assert ("lora_shrink", d, br) in seen and ("lora_grad", d, br) in seen
-    assert len(rows) == sum(len(spec.compiled_space(cc)) for spec in REGISTRY.values())
+        for br in (16, 32, 64):
+            for name in ("lora_shrink", "lora_dy", "lora_x"):
+                assert (name, d, br) in seen, (name, d, br)
+    assert {r["kernel"] for r in rows} == {n for n, s in REGISTRY.items() if s.compiled_space(cc)}
+    assert len(rows) == len(aot.jobs(cc))  # the whole space, and on sm_90 every default pick with every variant
     for name, spec in REGISTRY.items():
-        assert {r["dtype"] for r in rows if r["kernel"] == name} == set(C.DTYPES), name
-        assert {r["variant"] for r in rows if r["kernel"] == name} == {v.name for v in spec.variants}, name
+        dtypes = {d for _, d, _ in spec.compiled_space(cc)}
+        assert {r["dtype"] for r in rows if r["kernel"] == name} == dtypes, name
+        if dtypes:
+            assert {r["variant"] for r in rows if r["kernel"] == name} == {v.name for v in spec.variants}, name
+    if cc == 90:
+        _check_sass(rows)
+
+
+def _check_sass(rows):
+    """Every default pick on sm_90, with every variant, read from its SASS."""
+    defaults = [r for r in rows if r["default"]]
+    for name, spec in REGISTRY.items():
+        for cfg, dtype, block_r in spec.defaults(90):
+            got = {r["variant"] for r in defaults if r["kernel"] == name and r["dtype"] == dtype
+                   and r["block_r"] == block_r and r["config"] == cfg.to_dict()}
+            assert got == {v.name for v in spec.variants}, (name, dtype, block_r, cfg)
+    spills = [f"{r['kernel']} {r['dtype']} R{r['block_r']} {r['config']} ({r['variant']}): {r['sass']}"
+              for r in defaults if r["sass"]["stack"] or r["sass"]["LDL"] or r["sass"]["STL"]]
+    assert not spills, "register spills (local stack, LDL/STL) in default picks:\n" + "\n".join(spills)
+    for r in defaults:
+        if r["kernel"] in ("lora_matmul_tma", "multi_lora_matmul_tma"):
+            # wgmma on operands that TMA copied into shared memory
+            assert r["sass"]["HGMMA"] > 0 and r["sass"]["UTMALDG"] > 0, (r["kernel"], r["variant"], r["sass"])
+        if r["kernel"] == "lora_matmul_tma":
+            assert r["sass"]["UTMASTG"] > 0, ("y is stored through TMA", r["variant"], r["sass"])
+    assert {r["kernel"] for r in defaults} >= {"lora_matmul_tma", "multi_lora_matmul_tma", "lora_dy", "lora_x"}
