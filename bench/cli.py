@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     b.add_argument("--md", help="write the markdown table")
     b.add_argument("--plot", help="write PNG bar charts to this file (needs matplotlib; GPU runs)")
     b.add_argument("--quick", action="store_true", help="the headline shape of each benchmark only")
-    b.add_argument("--providers", help="comma-separated subset of linear,eager,compile,peft,peft+patch,ours (LoRA)")
+    b.add_argument("--providers",
+                   help="comma-separated subset of linear,eager,compile,peft,peft+patch,ours,ours-portable (LoRA)")
     b.add_argument("--modes", help="comma-separated subset of fwd,bwd,fwd+bwd (LoRA)")
     t = sub.add_parser("tune", help="tune the kernels for a model's shapes and write the cache (GPU)")
     t.add_argument("--preset", action="append", help="model preset (llama-3-8b, llama-3-70b, mixtral-8x7b)")
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
               + ("" if has_cuda else " (Triton interpreter on the CPU: no timings are shown, they would say "
                  "nothing about a GPU)") + ". Progress on stderr; about 20 s on 2 CPU cores.", flush=True)
         if providers is None:  # torch.compile of the baseline adds a minute of C++ builds on a CPU
-            providers = [p for p in lora.available_providers() if p != "compile"]
+            # and "ours-portable" is "ours" there (the interpreter takes the portable GEMM anyway)
+            providers = [p for p in lora.available_providers() if p not in ("compile", "ours-portable")]
     modes = args.modes.split(",") if args.modes else lora.MODES
     peaks = None if smoke else common.measure_peaks(device)
     if peaks:

@@ -1,7 +1,9 @@
 """Fused LoRA benchmark: ``linear`` (F.linear alone, the floor), ``eager``
 (PEFT's formula in eager PyTorch), ``compile`` (it, torch.compile'd), ``peft``
-(PEFT's own layer), ``peft+patch`` (the same PeftModel after ``patch_peft``)
-and ``ours``, forward, backward and forward+backward.
+(PEFT's own layer), ``peft+patch`` (the same PeftModel after ``patch_peft``),
+``ours`` and ``ours-portable`` (ours with the portable GEMM kernel forced:
+on sm_90 the TMA kernel against the plain ``tl.dot`` loop), forward,
+backward and forward+backward.
 
 fwd+bwd differentiates what training differentiates: x and the adapters for
 the LoRA providers, x alone for the frozen ``linear`` (its weight is frozen
@@ -21,7 +23,7 @@ from ..ops.lora import lora_linear
 from ..ops.lora import reference as ref
 from .common import Result, Timer, progress
 
-PROVIDERS = ("linear", "eager", "compile", "peft", "peft+patch", "ours")
+PROVIDERS = ("linear", "eager", "compile", "peft", "peft+patch", "ours", "ours-portable")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -169,6 +171,13 @@ def check(s: LoRAShape, inputs, scale: float = 2.0) -> float:
     return max(((g.to(hi_dtype) - r).norm() / r.norm()).item() for g, r in zip(got, want))
 
 
+def gemm_override(path: str):
+    """``POSTTRAIN_KERNELS_GEMM=path`` for a block (the launchers' plans rebuilt around it)."""
+    from ..autotune.cache import env_override
+    from ..ops.backend import GEMM_VAR
+    return env_override(GEMM_VAR, path)
+
+
 def run(shapes, timer: Timer, providers=None, modes=MODES, peaks=None) -> list[Result]:
     """``peaks``: (TFLOP/s, GB/s) measured on this device, for the roofline
     column; None leaves it empty."""
@@ -179,10 +188,18 @@ def run(shapes, timer: Timer, providers=None, modes=MODES, peaks=None) -> list[R
         progress(f"lora {i + 1}/{len(shapes)}: {s.label}: check, then {len(providers)} providers x {len(modes)} modes")
         inputs = make_inputs(s, device)
         err = check(s, inputs)
+        err_portable = None
+        if "ours-portable" in providers:
+            with gemm_override("portable"):
+                err_portable = check(s, inputs)
         for mode in modes:
             times = {}
             for p in providers:
-                times[p] = timer.time(provider_fn(p, mode, s, inputs))
+                if p == "ours-portable":
+                    with gemm_override("portable"):
+                        times[p] = timer.time(provider_fn("ours", mode, s, inputs))
+                else:
+                    times[p] = timer.time(provider_fn(p, mode, s, inputs))
             for p in providers:
                 med, p20, p80 = times[p]
                 floor = None
@@ -190,10 +207,10 @@ def run(shapes, timer: Timer, providers=None, modes=MODES, peaks=None) -> list[R
                     floor = max(flops(s, p, mode) / (peaks[0] * 1e9), min_bytes(s, mode) / (peaks[1] * 1e6))
                 out.append(Result(
                     bench="lora", shape=s.label, dtype=dtype_name(s.dtype), mode=mode, provider=p, ms=med, p20_ms=p20,
-                    p80_ms=p80, checks="forward and every gradient" if p == "ours" else None,
+                    p80_ms=p80, checks="forward and every gradient" if p.startswith("ours") else None,
                     tflops=flops(s, p, mode) / med / 1e9, gbps=min_bytes(s, mode) / med / 1e6,
                     vs={q: med / times[q][0] for q in providers if q != p},
-                    rel_err=err if p == "ours" else None,
+                    rel_err=err if p == "ours" else err_portable if p == "ours-portable" else None,
                     roofline_pct=None if floor is None else 100.0 * floor / med))
         del inputs
     return out

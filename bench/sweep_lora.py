@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from ..autotune.config import Config, pin_variable, rank_block
-from ..autotune.lora import LORA_GRAD, LORA_MATMUL, LORA_SHRINK
+from ..autotune.cache import env_override
+from ..autotune.config import Config, pin_variable
+from ..autotune.lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X
 from ..ops.backend import compute_capability
 from ..ops.common import dtype_name
 from ..ops.lora import launch as L
@@ -38,10 +38,12 @@ CANDIDATES = {
         dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=4),
         dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=4),
     ],
-    "lora_grad": [
-        dict(BLOCK_M=128, BLOCK_P=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_P=64, num_warps=4, num_stages=4),
+    "lora_matmul_tma": [
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
     ],
+    "lora_dy": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)],
+    "lora_x": [dict(BLOCK_M=64, BLOCK_K=32, BLOCK_N=128, num_warps=4, num_stages=4)],
 }
 
 
@@ -59,17 +61,19 @@ def sweep(M, K, N, r, dtype=torch.bfloat16):
     b = torch.randn(N, r, device=dev, dtype=dtype) / r ** 0.5
     dy = torch.randn(M, N, device=dev, dtype=dtype)
     t = L.lora_shrink(x, a, 1.0)
-    dt = L.lora_shrink(dy, b.t(), 2.0)
-    cases = {
-        "lora_matmul fwd": ("lora_matmul", lambda: L.lora_matmul(x, w, t, b, None, 2.0), LORA_MATMUL.configs(dn, cc)),
-        "lora_matmul dx": ("lora_matmul", lambda: L.lora_matmul(dy, w.t(), dt, a.t(), None, 1.0),
-                           LORA_MATMUL.configs(dn, cc)),
-        "lora_shrink x": ("lora_shrink", lambda: L.lora_shrink(x, a, 1.0), LORA_SHRINK.configs(dn, cc, rank_block(r))),
-        "lora_shrink dy": ("lora_shrink", lambda: L.lora_shrink(dy, b.t(), 2.0),
-                           LORA_SHRINK.configs(dn, cc, rank_block(r))),
-        "lora_grad dB": ("lora_grad", lambda: L.lora_grad(dy, t, 2.0), LORA_GRAD.configs(dn, cc, rank_block(r))),
-        "lora_grad dA": ("lora_grad", lambda: L.lora_grad(x, dt, 1.0, transpose_out=True),
-                         LORA_GRAD.configs(dn, cc, rank_block(r))),
+
+    def bwd(i):
+        return lambda: L.lora_bwd_triton(dy, x, w, a, b, t, 2.0, 0.0, None, i == 0, False)[i]
+
+    gemm = LORA_MATMUL_TMA if cc >= 90 else LORA_MATMUL
+    cases = {  # each times the step its kernel belongs to, the other kernels at their picks
+        "fwd (one step)": (gemm.name, lambda: L.lora_fwd_triton(x, w, a, b, None, 2.0, 0.0, None)[0],
+                           gemm.configs(dn, cc)),
+        "dx (bwd step)": (gemm.name, bwd(0), gemm.configs(dn, cc)),
+        "lora_shrink x": ("lora_shrink", lambda: L.lora_shrink(x, a, 1.0),
+                          LORA_SHRINK.configs(dn, cc, LORA_SHRINK.block_r(r))),
+        "dY pass (dB)": ("lora_dy", bwd(2), LORA_DY.configs(dn, cc, LORA_DY.block_r(r))),
+        "x pass (dA)": ("lora_x", bwd(1), LORA_X.configs(dn, cc, LORA_X.block_r(r))),
     }
     rows = [{"case": "F.linear fwd", "config": None, "ms": _time(lambda: F.linear(x, w))},
             {"case": "F.linear dx", "config": None, "ms": _time(lambda: F.linear(dy, w.t()))}]
@@ -77,13 +81,11 @@ def sweep(M, K, N, r, dtype=torch.bfloat16):
         var = pin_variable(kernel)
         rows.append({"case": case, "config": "default", "ms": _time(fn)})
         for cfg in list(space) + [Config.from_dict(d) for d in CANDIDATES[kernel]]:
-            os.environ[var] = json.dumps(cfg.to_dict())
-            try:
-                rows.append({"case": case, "config": cfg.to_dict(), "ms": _time(fn)})
-            except Exception as e:  # an out-of-resource config is a result, not a crash
-                rows.append({"case": case, "config": cfg.to_dict(), "ms": None, "error": str(e)[:200]})
-            finally:
-                del os.environ[var]
+            with env_override(var, json.dumps(cfg.to_dict())):  # pinned, the plans rebuilt
+                try:
+                    rows.append({"case": case, "config": cfg.to_dict(), "ms": _time(fn)})
+                except Exception as e:  # an out-of-resource config is a result, not a crash
+                    rows.append({"case": case, "config": cfg.to_dict(), "ms": None, "error": str(e)[:200]})
     return rows
 
 
