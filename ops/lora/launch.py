@@ -198,10 +198,14 @@ def _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, e
     r_chunks = cdiv(R, block_r)
     dtype, dev = dtype_name(x.dtype), device_info(x.device)
     sms = num_sms(x.device)
-    # dY pass: about one program per SM, each owning whole row blocks (its dt rows, one dB/dbias slab).
+    # dY pass: each program owns whole row blocks (its dt rows, one dB/dbias slab). The slabs
+    # cost 2·split·N·R·4 bytes of traffic (written, then summed) against dY's M·N·2: the split
+    # stays ≤ M/(8·R), so they add at most half of dY's bytes, and ≤ SMs/2, which streams dY
+    # with enough programs in flight (neither bound measured on a GPU yet).
     cfg = select_config(LORA_DY, dtype, dev, N=N, R=R, M=M)
     m_blocks = cdiv(M, cfg["BLOCK_M"])
-    rows_per_split = cdiv(m_blocks, min(m_blocks, sms)) * cfg["BLOCK_M"]
+    want = max(1, min(m_blocks, sms // 2, M // (8 * R)))
+    rows_per_split = cdiv(m_blocks, want) * cfg["BLOCK_M"]
     split = cdiv(M, rows_per_split)
     dy_pass = _Launch(LORA_DY, (split, r_chunks), 7, dict(
         M=M, N=N, R=R, rows_per_split=rows_per_split,
