@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from typing import Callable, Optional
 
 from .config import DTYPES, RANK_BLOCKS, Config, rank_block
@@ -102,7 +103,6 @@ class KernelSpec:
         """Every (config, dtype, rank block) the heuristic default picks on
         ``cc`` over model-like dimensions (``DEFAULT_DIMS``): what the AOT
         harness compiles with every variant and checks for spills."""
-        import itertools
         out = set()
         values = [self.layouts if name == "layout" else DEFAULT_DIMS[name] for name in self.key]
         for d in DTYPES:

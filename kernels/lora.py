@@ -264,12 +264,9 @@ def _lora_matmul_tma_kernel(
                 offs_r = tl.arange(0, BLOCK_R)
                 tl.store(t_ptr + rows[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr, t,
                          mask=(rows < M)[:, None] & (offs_r < R)[None, :])
-        # ---- epilogue: the low-rank term on the whole tile (without dropout),
-        # then bias, cast and store by column parts: two halves, four
-        # quarters with dropout (its mask and masked term live per part).
-        if not HAS_DROPOUT:
-            acc = _low_rank(acc, rows, off_n + tl.arange(0, BLOCK_N), t, t_ptr, stride_tm, stride_tr,
-                            u_ptr, stride_un, stride_ur, M, N, R, scale, dtype, FUSE_SHRINK, BLOCK_R)
+        # ---- epilogue by column parts: with dropout, four quarters, each with
+        # its masked low-rank term; without, the low-rank term on the whole
+        # tile, then two halves. Bias, cast and a descriptor store per part.
         if HAS_DROPOUT:
             QUARTER: tl.constexpr = BLOCK_N // 4
             parts = column_quarters(acc, BLOCK_M, BLOCK_N)
@@ -279,6 +276,8 @@ def _lora_matmul_tma_kernel(
                     stride_un, stride_ur, bias_ptr, seed, M, N, R, scale, drop_threshold, dtype, HAS_BIAS,
                     HAS_DROPOUT, BLOCK_R))
         else:
+            acc = _low_rank(acc, rows, off_n + tl.arange(0, BLOCK_N), t, t_ptr, stride_tm, stride_tr,
+                            u_ptr, stride_un, stride_ur, M, N, R, scale, dtype, FUSE_SHRINK, BLOCK_R)
             acc0, acc1 = acc.reshape(BLOCK_M, 2, HALF).permute(0, 2, 1).split()
             cols = off_n + tl.arange(0, HALF)
             y_desc.store([off_m, off_n], _epilogue_part(

@@ -129,12 +129,15 @@ def gemm_path(x: torch.Tensor, w: torch.Tensor, n_out: int, choice: str | None, 
         return "portable"
     if choice == "auto" and (compute_capability(x.device) or 0) < 90:
         return "portable"
-    es = x.element_size()
-    w_ok = ((w.stride(1) == 1 and (w.stride(0) * es) % 16 == 0)
-            or (w.stride(0) == 1 and (w.stride(1) * es) % 16 == 0)) and aligned(w)
-    x_ok = not x_tma or (x.stride(1) == 1 and (x.stride(0) * es) % 16 == 0 and (n_out * es) % 16 == 0
-                         and aligned(x))
+    w_ok = tma_addressable(w) or tma_addressable(w.t())
+    x_ok = not x_tma or (tma_addressable(x) and (n_out * x.element_size()) % 16 == 0)
     return "tma" if w_ok and x_ok else "portable"
+
+
+def tma_addressable(t: torch.Tensor) -> bool:
+    """A 2-D tensor a descriptor can read by rows: unit column stride, and
+    its row stride and base on 16-byte boundaries."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and aligned(t)
 
 
 def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:

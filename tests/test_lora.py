@@ -291,8 +291,8 @@ def test_tma_path_forward_backward(M, K, N, r, p, bias, adapter_dtype, device, m
     check_against_refs(x, w, a, b, bb, 1.3, dy, p, seed if p else None, ours_fn=fn)
     plans = list(L._PLANS.values())
     assert plans and all(plan.info["tma"] for plan in plans), "the TMA GEMM did not run"
-    fwd = [plan for plan in plans if plan.launches[0] is None or len(plan.launches) == 2]
-    assert any((plan.launches[0] is None) == (r <= 16 and p == 0.0) for plan in fwd), \
+    fwd = [plan for plan in plans if len(plan.launches) == 2]  # (shrink or None, GEMM); the backward has 3
+    assert fwd and all((plan.launches[0] is None) == (r <= 16 and p == 0.0) for plan in fwd), \
         "the shrink is fused exactly when r ≤ 16 and no dropout"
 
 

@@ -154,12 +154,8 @@ def _ref_grads(x, w, bias, A, B, ranks, scales, ids, dy, dtype, slices=None):
     return _grads(y, leaves, dy.to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("M,K,N,kind", CASES)
-def test_gradients_against_per_row_loop(M, K, N, kind, dtype, device):
-    """dx, dA, dB, dbias of a batch mixing adapters (ranks 1 to 64, -1 rows)
-    against autograd through the per-row loop in fp64. Rank padding holds NaN
-    in the pool; its gradient, and that of slots no row uses, must be 0."""
+def _mixed_case(M, K, N, kind, dtype, device):
+    """(x, w, bias, dy, A, B, ranks, scales, ids) of a 7-slot pool with ranks 1 to 64 (NaN rank padding)."""
     S, R = 7, 64
     A, B, ranks, scales = _pool(S, N, K, R, dtype, device)
     g = torch.Generator().manual_seed(4)
@@ -167,7 +163,16 @@ def test_gradients_against_per_row_loop(M, K, N, kind, dtype, device):
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
     bias = torch.randn(N, generator=g).to(device, dtype)
     dy = torch.randn(M, N, generator=g).to(device, dtype)
-    ids = _ids(kind, M, S, device)
+    return x, w, bias, dy, A, B, ranks, scales, _ids(kind, M, S, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,K,N,kind", CASES)
+def test_gradients_against_per_row_loop(M, K, N, kind, dtype, device):
+    """dx, dA, dB, dbias of a batch mixing adapters (ranks 1 to 64, -1 rows)
+    against autograd through the per-row loop in fp64. Rank padding holds NaN
+    in the pool; its gradient, and that of slots no row uses, must be 0."""
+    x, w, bias, dy, A, B, ranks, scales, ids = _mixed_case(M, K, N, kind, dtype, device)
     leaves = _leaves(x, A, B, bias)
     y = pk.multi_lora_linear(leaves[0], w, leaves[1], leaves[2], ranks, scales, ids, leaves[3])
     ours = _grads(y, leaves, dy)
@@ -421,14 +426,7 @@ def test_tma_gemm_gradients_against_per_row_loop(M, K, N, kind, device, tma_gemm
     transposed-weight descriptor) against autograd through the per-row loop,
     fp16, mixed ranks with NaN rank padding."""
     dtype = torch.float16
-    S, R = 7, 64
-    A, B, ranks, scales = _pool(S, N, K, R, dtype, device)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(M, K, generator=g).to(device, dtype)
-    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
-    bias = torch.randn(N, generator=g).to(device, dtype)
-    dy = torch.randn(M, N, generator=g).to(device, dtype)
-    ids = _ids(kind, M, S, device)
+    x, w, bias, dy, A, B, ranks, scales, ids = _mixed_case(M, K, N, kind, dtype, device)
     leaves = _leaves(x, A, B, bias)
     y = pk.multi_lora_linear(leaves[0], w, leaves[1], leaves[2], ranks, scales, ids, leaves[3])
     ours = [y.detach(), *_grads(y, leaves, dy)]

@@ -31,14 +31,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ...autotune.cache import RESET_HOOKS, select_config
 from ...autotune.lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X, MATMUL_BLOCK_R
-from ..backend import GEMM_VAR, aligned, device_info, ensure_tma_allocator, gemm_path, num_sms
+from ..backend import GEMM_VAR, aligned, device_info, ensure_tma_allocator, gemm_path, num_sms, tma_addressable
 from ..common import cdiv, dtype_name
 from ..dropout import dropout_threshold
 
@@ -62,8 +62,6 @@ class _Launch:
         self.tail = tuple(kwargs[name] for name in rest)
         extra = {k: v for k, v in kwargs.items() if k not in rest}  # num_warps, num_stages
         self.run = functools.partial(spec.fn[grid], **extra)
-        self.grid = grid
-        self.kwargs = kwargs
 
     def __call__(self, *data) -> None:
         """Only a tensor's data pointer reaches the kernel: its strides are in
@@ -88,12 +86,11 @@ def clear_plans() -> None:
 RESET_HOOKS.append(clear_plans)
 
 
-def _plan(key: tuple, build: Callable[[], _Plan]) -> _Plan:
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) > 4096:  # many distinct shapes: start over rather than grow
-            _PLANS.clear()
-        plan = _PLANS[key] = build()
+def _remember(key: tuple, plan: _Plan) -> _Plan:
+    """Memoise a plan just built (callers look ``_PLANS`` up first)."""
+    if len(_PLANS) > 4096:  # many distinct shapes: start over rather than grow
+        _PLANS.clear()
+    _PLANS[key] = plan
     return plan
 
 
@@ -157,8 +154,7 @@ def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
     path = gemm_path(x, weight, N, env[0])
     fuse = (path == "tma" and dropout_p == 0.0 and R <= MATMUL_BLOCK_R and (env[1] or "1") != "0")
     # The fused shrink reads A through a descriptor, in x's dtype: cast (R·K elements) unless it already is.
-    cast_a = fuse and not (lora_a.dtype == x.dtype and lora_a.stride(1) == 1 and aligned(lora_a)
-                           and (lora_a.stride(0) * x.element_size()) % 16 == 0)
+    cast_a = fuse and not (lora_a.dtype == x.dtype and tma_addressable(lora_a))
     shrink = None if fuse else _shrink_launch(x, lora_a, dropout_p)
     gemm = _gemm_launch(x, weight, (R, 1), lora_b, bias is not None, R, 0.0, path, fuse,
                         stride_ar=K if cast_a else lora_a.stride(0))
@@ -176,7 +172,7 @@ def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     key = ("fwd", x.shape, weight.shape, lora_a.shape, x.stride(), weight.stride(), lora_a.stride(), lora_b.stride(),
            x.dtype, lora_a.dtype,
            lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, aligned(x, weight, lora_a))
-    plan = _PLANS.get(key) or _plan(key, lambda: _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, _env()))
+    plan = _PLANS.get(key) or _remember(key, _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, _env()))
     shrink, gemm = plan.launches
     if shrink is not None:
         shrink(x, lora_a, t, _seed(seed, dropout_p, t), 1.0 / (1.0 - dropout_p))
@@ -241,8 +237,8 @@ def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, ne
     key = ("bwd", x.shape, weight.shape, lora_a.shape, dy.stride(), x.stride(), weight.stride(), lora_a.stride(),
            lora_b.stride(), x.dtype,
            lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device, aligned(dy, weight))
-    plan = _PLANS.get(key) or _plan(
-        key, lambda: _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, _env()))
+    plan = _PLANS.get(key) or _remember(
+        key, _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, _env()))
     dy_pass, x_pass, dx_gemm = plan.launches
     dev, f32 = x.device, torch.float32
     split = plan.info["split"]
@@ -278,23 +274,3 @@ def lora_shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0,
     if x.shape[0]:
         _shrink_launch(x, a, dropout_p)(x, a, t, _seed(seed, dropout_p, t), float(scale) / (1.0 - dropout_p))
     return t
-
-
-def lora_matmul(x: Tensor, w: Tensor, t: Tensor, u: Tensor, bias: Optional[Tensor], scale: float,
-                dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
-    """y [M, N] = x [M, K]·wᵀ + scale·(t [M, R]·uᵀ)(⊙ keep/(1-p)) + bias, w as [N, K], u as [N, R]:
-    the GEMM alone, on the path the launchers would take (``POSTTRAIN_KERNELS_GEMM``)."""
-    M, N = x.shape[0], w.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0:
-        return y
-    path = gemm_path(x, w, N, _env()[0])
-    launch = _gemm_launch(x, w, t.stride(), u, bias is not None, t.shape[1], dropout_p, path, False)
-    bias_t = bias.contiguous() if bias is not None else y
-    s = float(scale) / (1.0 - dropout_p)
-    if path == "tma":
-        ensure_tma_allocator()
-        launch(x, w, t, u, y, bias_t, y, _seed(seed, dropout_p, y), s)  # a_ptr unused: y stands in
-    else:
-        launch(x, w, t, u, bias_t, y, _seed(seed, dropout_p, y), s)
-    return y
