@@ -7,6 +7,9 @@
   element a kernel forgets to write fails the comparison.
 * ``tiny_llama`` / ``tiny_gpt2``: factories of tiny Hugging Face models built
   from configs (no download), shared by the model-level tests.
+* The versions a run used (torch, triton, transformers, peft, numpy, ...)
+  are its first line, ``-q`` or not: CI installs the newest releases, so a
+  red run says whether one changed.
 * Markers: ``gpu`` tests skip without CUDA; ``aot`` tests compile for sm_80
   and sm_90 and need no GPU.
 """
@@ -20,6 +23,30 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import posttrain_kernels  # noqa: E402,F401  (after the interpreter switch)
+
+
+VERSIONED = ("torch", "triton", "transformers", "peft", "numpy", "safetensors", "kernels", "bitsandbytes")
+
+
+def versions() -> str:
+    """``python 3.11.7 torch 2.13.0+cpu triton 3.9.0 ...`` (distributions not installed are left out)."""
+    import importlib.metadata
+    import platform
+    found = [f"python {platform.python_version()}"]
+    for name in VERSIONED:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return " ".join(found) + (" (CUDA: " + torch.cuda.get_device_name() + ")" if HAS_CUDA else " (no CUDA)")
+
+
+def pytest_sessionstart(session):
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller prints it
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("versions: " + versions())
 
 
 def pytest_collection_modifyitems(config, items):
