@@ -112,6 +112,14 @@ def aligned(*tensors) -> bool:
     return True
 
 
+def misalignment(*tensors) -> tuple:
+    """Each tensor's data pointer modulo 16: with the shapes, strides and
+    dtypes, all a launch plan's choice of path depends on (memoised plans are
+    keyed on it, so a plan built for aligned operands is never reused for a
+    call whose operand a descriptor cannot address)."""
+    return tuple(t.data_ptr() % 16 for t in tensors)
+
+
 def gemm_path(x: torch.Tensor, w: torch.Tensor, n_out: int, choice: str | None, x_tma: bool = True) -> str:
     """``"tma"`` when the sm_90 GEMM may run on these operands, else ``"portable"``.
 
@@ -135,13 +143,25 @@ def gemm_path(x: torch.Tensor, w: torch.Tensor, n_out: int, choice: str | None, 
 
 
 def tma_addressable(t: torch.Tensor) -> bool:
-    """A 2-D tensor a descriptor can read by rows: unit column stride, and
-    its row stride and base on 16-byte boundaries."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and aligned(t)
+    """A 2-D tensor a descriptor can read by rows: unit column stride, rows
+    that do not overlap (a row stride of at least a row: an expanded view's
+    stride 0, e.g. the upstream gradient of ``y.sum(0)``, is not something
+    TMA was measured to accept, so it takes the portable path), and its row
+    stride and base on 16-byte boundaries."""
+    return (t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) and (t.stride(0) * t.element_size()) % 16 == 0
+            and aligned(t))
+
+
+def tma_row_stride(cols: int, dtype: torch.dtype) -> int:
+    """The smallest row stride (elements) ≥ ``cols`` whose bytes are a
+    multiple of 16: how a copy made for a descriptor is laid out."""
+    per = 16 // dtype.itemsize
+    return -(-cols // per) * per
 
 
 def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+    # The launchers run with their tensors' device current (``on_device``): the scratch goes there.
+    return torch.empty(size, device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.int8)
 
 
 def ensure_tma_allocator() -> None:
@@ -157,3 +177,24 @@ def ensure_tma_allocator() -> None:
         pass
     import triton
     triton.set_allocator(_tma_allocator)
+
+
+# ---------------------------------------------------------------- which device a launch runs on
+def on_device(launcher):
+    """Run ``launcher`` with the device of its first (tensor) argument
+    current. Triton launches a kernel on the current CUDA device and the TMA
+    scratch allocator allocates there, so a model spread over GPUs
+    (``device_map="auto"``, pipeline stages, a pool per GPU) would otherwise
+    launch layer k's kernels on cuda:0 while its tensors live on cuda:1.
+    Every launcher entry point (the ``*_triton`` functions the ops call) is
+    wrapped; the guard costs one device query when the device is already
+    current."""
+    @functools.wraps(launcher)
+    def run(first, *args, **kwargs):
+        device = first.device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+    run.on_device = True
+    return run

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from ...autotune.cache import RESET_HOOKS, select_config
 from ...autotune.lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X, MATMUL_BLOCK_R
-from ..backend import GEMM_VAR, aligned, device_info, ensure_tma_allocator, gemm_path, num_sms, tma_addressable
+from ..backend import (GEMM_VAR, device_info, ensure_tma_allocator, gemm_path, misalignment, num_sms, on_device,
+                       tma_addressable, tma_row_stride)
 from ..common import cdiv, dtype_name
 from ..dropout import dropout_threshold
 
@@ -153,14 +154,25 @@ def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
     N, R = weight.shape[0], lora_a.shape[0]
     path = gemm_path(x, weight, N, env[0])
     fuse = (path == "tma" and dropout_p == 0.0 and R <= MATMUL_BLOCK_R and (env[1] or "1") != "0")
-    # The fused shrink reads A through a descriptor, in x's dtype: cast (R·K elements) unless it already is.
-    cast_a = fuse and not (lora_a.dtype == x.dtype and tma_addressable(lora_a))
+    # The fused shrink reads A through a descriptor, in x's dtype: A as it is when a descriptor can
+    # address it, else a copy (R·K elements) in x's dtype with 16-byte rows (K=60: a stride of 64).
+    a_stride = None if not fuse or (lora_a.dtype == x.dtype and tma_addressable(lora_a)) else \
+        tma_row_stride(K, x.dtype)
     shrink = None if fuse else _shrink_launch(x, lora_a, dropout_p)
     gemm = _gemm_launch(x, weight, (R, 1), lora_b, bias is not None, R, 0.0, path, fuse,
-                        stride_ar=K if cast_a else lora_a.stride(0))
-    return _Plan((shrink, gemm), {"tma": path == "tma", "cast_a": cast_a})
+                        stride_ar=lora_a.stride(0) if a_stride is None else a_stride)
+    return _Plan((shrink, gemm), {"tma": path == "tma", "a_stride": a_stride})
 
 
+def _descriptor_copy(a: Tensor, dtype: torch.dtype, row_stride: int) -> Tensor:
+    """``a`` [R, K] in ``dtype``, in fresh storage with rows ``row_stride`` apart (a new
+    allocation: its base is aligned, unlike an offset view that ``.to`` would return as is)."""
+    out = torch.empty((a.shape[0], row_stride), device=a.device, dtype=dtype)[:, :a.shape[1]]
+    out.copy_(a)
+    return out
+
+
+@on_device
 def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]."""
     M, K = x.shape
@@ -171,7 +183,7 @@ def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
         return y, t
     key = ("fwd", x.shape, weight.shape, lora_a.shape, x.stride(), weight.stride(), lora_a.stride(), lora_b.stride(),
            x.dtype, lora_a.dtype,
-           lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, aligned(x, weight, lora_a))
+           lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, misalignment(x, weight, lora_a))
     plan = _PLANS.get(key) or _remember(key, _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, _env()))
     shrink, gemm = plan.launches
     if shrink is not None:
@@ -179,7 +191,8 @@ def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     bias_t = bias.contiguous() if bias is not None else y  # the kernels read bias at unit stride
     if plan.info["tma"]:
         ensure_tma_allocator()
-        a16 = lora_a.to(x.dtype, memory_format=torch.contiguous_format) if plan.info["cast_a"] else lora_a
+        a_stride = plan.info["a_stride"]
+        a16 = lora_a if a_stride is None else _descriptor_copy(lora_a, x.dtype, a_stride)
         gemm(x, weight, t, lora_b, a16, bias_t, y, y, float(scale))
     else:
         gemm(x, weight, t, lora_b, bias_t, y, y, float(scale))
@@ -227,6 +240,7 @@ def _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, e
     return _Plan((dy_pass, x_pass, dx), {"tma": path == "tma", "split": split})
 
 
+@on_device
 def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias):
     """(dx [M, K] or empty, dA [R, K], dB [N, R] in the adapters' dtypes, dbias [N] fp32 or empty)."""
     M, K = x.shape
@@ -236,7 +250,8 @@ def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, ne
                 torch.zeros_like(lora_b), dy.new_zeros((N,) if needs_dbias else (0,), dtype=torch.float32))
     key = ("bwd", x.shape, weight.shape, lora_a.shape, dy.stride(), x.stride(), weight.stride(), lora_a.stride(),
            lora_b.stride(), x.dtype,
-           lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device, aligned(dy, weight))
+           lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device,
+           misalignment(dy, weight))
     plan = _PLANS.get(key) or _remember(
         key, _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, _env()))
     dy_pass, x_pass, dx_gemm = plan.launches
@@ -267,6 +282,7 @@ def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, ne
 
 
 # ---------------------------------------------------------------- single kernels (tuning, tests)
+@on_device
 def lora_shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0,
                 seed: Optional[Tensor] = None) -> Tensor:
     """t [M, R] fp32 = scale · drop(x) [M, K] · aᵀ, with a given as [R, K] (any strides)."""

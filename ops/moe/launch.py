@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ...autotune.cache import select_config
 from ...autotune.moe import MOE_GATHER, MOE_SEGMENT_SUM
-from ..backend import device_info
+from ..backend import device_info, on_device
 from ..common import cdiv, dtype_name
 
 
@@ -70,6 +70,7 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@on_device
 def moe_dispatch_triton(x: Tensor, token_idx: Tensor) -> Tensor:
     """[E, C, d]: x[token_idx], zero rows for empty slots."""
     E, C = token_idx.shape
@@ -79,6 +80,7 @@ def moe_dispatch_triton(x: Tensor, token_idx: Tensor) -> Tensor:
     return out.reshape(E, C, x.shape[-1])
 
 
+@on_device
 def moe_segment_sum_triton(src: Tensor, token_idx: Tensor, gates: Optional[Tensor], num_tokens: int) -> Tensor:
     """[n, d]: Σ over each token's slots of gate·src (gates None = 1); src [E, C, d]."""
     if src.shape[-1] == 0:
@@ -88,6 +90,7 @@ def moe_segment_sum_triton(src: Tensor, token_idx: Tensor, gates: Optional[Tenso
                            num_tokens)
 
 
+@on_device
 def moe_combine_bwd_triton(dy: Tensor, expert_out: Tensor, token_idx: Tensor, gates: Tensor) -> tuple[Tensor, Tensor]:
     """(d expert_out [E, C, d], d gates [E, C] fp32) in one gather pass."""
     E, C, d = expert_out.shape

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ...autotune.cache import select_config
 from ...autotune.multi_lora import MULTI_LORA_GRAD, MULTI_LORA_MATMUL, MULTI_LORA_MATMUL_TMA, MULTI_LORA_SHRINK
-from ..backend import GEMM_VAR, device_info, ensure_tma_allocator, gemm_path, num_sms
+from ..backend import GEMM_VAR, device_info, ensure_tma_allocator, gemm_path, num_sms, on_device
 from ..common import cdiv, dtype_name
 from ..dropout import multi_dropout_tables
 
@@ -219,6 +219,7 @@ def grad(p: Tensor, q: Tensor, rows: RowOrder, seg: Tensor, stack: AdapterStack,
 
 
 # ---------------------------------------------------------------- forward / backward
+@on_device
 def multi_lora_fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds):
     """(y [M, N], t [M, slices·R] fp32 in sorted order, perm, sid) for a 2-D x."""
     M = x.shape[0]
@@ -238,6 +239,7 @@ def multi_lora_fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapte
     return y, t, rows.perm, rows.sid
 
 
+@on_device
 def multi_lora_bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
                           needs_dlora, needs_dbias, dropout_p, seeds):
     """(dx [M, K] or empty, dA like lora_a and dB like lora_b or both empty,
