@@ -20,6 +20,22 @@ from posttrain_kernels.autotune import config as C
 
 pytestmark = pytest.mark.aot
 
+# Default picks that keep a local stack, per Triton (major, minor), exactly: the test fails if one
+# of these stops spilling (drop it here) or any other pick starts. With 3.6 (the GPU image's), the
+# multi-LoRA shrink in its fused-slices dt layout at 16×128 keeps 32 bytes (7 LDL, 7 STL) that 3.9
+# does not; the configs tried in its place each left a stack in one version or the other
+# (docs/benchmarks.md, "sm_90 SASS of the default picks").
+_SHRINK_16x128 = json.dumps({"BLOCK_K": 128, "BLOCK_M": 16, "num_warps": 4, "num_stages": 3}, sort_keys=True)
+KNOWN_STACKS = {
+    (3, 6): {("multi_lora_shrink", dtype, None, _SHRINK_16x128, "backward layout (dt = dY·B), three slices"):
+             (32, 7, 7) for dtype in ("bfloat16", "float16")},
+}
+
+
+def triton_version() -> tuple:
+    import triton
+    return tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+
 
 @pytest.mark.parametrize("cc", [90, 80], ids=["sm_90", "sm_80"])
 def test_every_config_compiles(cc, tmp_path):
@@ -61,9 +77,14 @@ def _check_sass(rows):
             got = {r["variant"] for r in defaults if r["kernel"] == name and r["dtype"] == dtype
                    and r["block_r"] == block_r and r["config"] == cfg.to_dict()}
             assert got == {v.name for v in spec.variants}, (name, dtype, block_r, cfg)
-    spills = [f"{r['kernel']} {r['dtype']} R{r['block_r']} {r['config']} ({r['variant']}): {r['sass']}"
-              for r in defaults if r["sass"]["stack"] or r["sass"]["LDL"] or r["sass"]["STL"]]
-    assert not spills, "register spills (local stack, LDL/STL) in default picks:\n" + "\n".join(spills)
+    known = KNOWN_STACKS.get(triton_version(), {})
+    spills = {(r["kernel"], r["dtype"], r["block_r"], json.dumps(r["config"], sort_keys=True), r["variant"]):
+              (r["sass"]["stack"], r["sass"]["LDL"], r["sass"]["STL"])
+              for r in defaults if r["sass"]["stack"] or r["sass"]["LDL"] or r["sass"]["STL"]}
+    new = {k: v for k, v in spills.items() if k not in known or v != known[k]}
+    assert not new, "register spills (local stack, LDL/STL) in default picks:\n" + "\n".join(map(str, new.items()))
+    gone = sorted(set(known) - set(spills))
+    assert not gone, f"known stacks of Triton {triton_version()} are gone (drop them from KNOWN_STACKS): {gone}"
     for r in defaults:
         if r["kernel"] in ("lora_matmul_tma", "multi_lora_matmul_tma"):
             # wgmma on operands that TMA copied into shared memory
