@@ -20,6 +20,7 @@ import inspect
 import itertools
 from typing import Callable, Optional
 
+from . import compile_only
 from .config import DTYPES, RANK_BLOCKS, Config, rank_block
 
 REGISTRY: dict[str, "KernelSpec"] = {}
@@ -168,4 +169,5 @@ def register(spec: KernelSpec) -> KernelSpec:
     if spec.name in REGISTRY:
         raise ValueError(f"kernel spec {spec.name!r} registered twice")
     REGISTRY[spec.name] = spec
+    compile_only.install(spec)  # POSTTRAIN_KERNELS_COMPILE_ONLY: launches record and warm up instead
     return spec

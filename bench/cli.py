@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     b.add_argument("--md", help="write the markdown table")
     b.add_argument("--plot", help="write PNG bar charts to this file (needs matplotlib; GPU runs)")
     b.add_argument("--quick", action="store_true", help="the headline shape of each benchmark only")
+    b.add_argument("--rows", help="append each row to this JSON-lines file as it is measured")
+    b.add_argument("--gpu-shapes", action="store_true",
+                   help="the GPU shapes even without CUDA (to count compiles with launches stubbed: "
+                        "posttrain_kernels.autotune.compile_only)")
     b.add_argument("--providers",
                    help="comma-separated subset of linear,eager,compile,peft,peft+patch,ours,ours-portable (LoRA)")
     b.add_argument("--modes", help="comma-separated subset of fwd,bwd,fwd+bwd (LoRA)")
@@ -71,9 +75,15 @@ def main(argv=None) -> int:
               flush=True)
         return _reexec_under_interpreter(argv)
 
+    if not has_cuda:
+        from ..ops.backend import interpreter_problem
+        if interpreter_problem():
+            print(f"Cannot run the kernels here: {interpreter_problem()}.", file=sys.stderr)
+            return 2
     from . import common, lora
     device = torch.device("cuda" if has_cuda else "cpu")
-    smoke = args.smoke or not has_cuda
+    smoke = (args.smoke or not has_cuda) and not args.gpu_shapes
+    common.ROWS_TO = args.rows
     # Without a GPU every provider still runs (once: its time is not shown),
     # so the smoke run proves that each one works at these shapes.
     timer = common.Timer(device) if has_cuda else common.Timer(device, cpu_reps=1)
@@ -93,6 +103,18 @@ def main(argv=None) -> int:
               flush=True)
     results = []
     ran = []
+
+    def table():
+        return common.smoke_table(results, TOLERANCE) if smoke and not has_cuda else common.markdown(results)
+
+    def write_outputs():  # after each family too: a run killed later keeps the tables of those before
+        for path, text in ((args.json, common.to_json(results)), (args.csv, common.to_csv(results)),
+                           (args.md, common.header(device) + (f"\nmeasured peaks: {peaks[0]:.0f} TFLOP/s, "
+                                      f"{peaks[1]:.0f} GB/s" if peaks else "") + "\n" + table() + "\n")):
+            if path:
+                with open(path, "w") as f:
+                    f.write(text)
+
     for which in (BENCHES if args.which == "all" else (args.which,)):
         ran.append(which)
         if which == "lora":
@@ -108,16 +130,10 @@ def main(argv=None) -> int:
             from . import moe
             results += moe.run_dc(_shapes(smoke, args.quick, moe.SMOKE_DC, moe.GPU_DC), timer, peaks)
             results += moe.run_layer(_shapes(smoke, args.quick, moe.SMOKE_LAYER, moe.GPU_LAYER), timer, peaks)
-    table = common.smoke_table(results, TOLERANCE) if smoke and not has_cuda else common.markdown(results)
-    print(table)
+        write_outputs()
+    print(table())
     if args.plot:
         common.plot(results, args.plot)
-    for path, text in ((args.json, common.to_json(results)), (args.csv, common.to_csv(results)),
-                       (args.md, common.header(device) + (f"\nmeasured peaks: {peaks[0]:.0f} TFLOP/s, "
-                                  f"{peaks[1]:.0f} GB/s" if peaks else "") + "\n" + table + "\n")):
-        if path:
-            with open(path, "w") as f:
-                f.write(text)
     checked = [r for r in results if r.rel_err is not None]
     bad = [r for r in checked if not r.rel_err <= TOLERANCE[r.dtype]]
     for r in bad:

@@ -33,6 +33,14 @@ class Result:
     tokens_per_s: float | None = None  # serving benchmarks
     checks: str | None = None  # what rel_err covers ("forward", "forward and every gradient")
 
+    def __post_init__(self):
+        if ROWS_TO is not None:  # --rows: every row on disk the moment it exists (a killed run keeps them)
+            with open(ROWS_TO, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(self)) + "\n")
+
+
+ROWS_TO: str | None = None  # the JSON-lines file of ``--rows``
+
 
 def progress(text: str) -> None:
     """One line per benchmark case, as it starts (stderr, unbuffered): a long

@@ -19,12 +19,29 @@ import os
 
 import torch
 
+from ..autotune.compile_only import pretend_gpu
+
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "POSTTRAIN_KERNELS_BACKEND"
 
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_problem() -> str | None:
+    """Why this environment's Triton interpreter cannot run the kernels, or None.
+
+    Triton 3.6's interpreter calls ``int()`` on one-element numpy arrays,
+    which numpy 2.4 refuses (later Triton releases do not; 3.9 runs with
+    numpy 2.4): with Triton < 3.7 it needs numpy < 2.4."""
+    import numpy
+    import triton
+    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter needs numpy < 2.4 (installed: numpy "
+                f"{numpy.__version__}): pip install 'numpy<2.4', or a newer Triton")
+    return None
 
 
 def check_backend(backend: str | None) -> str:
@@ -55,23 +72,30 @@ def use_triton(device: torch.device, backend: str | None = None) -> bool:
 
 def compute_capability(device: torch.device) -> int | None:
     """sm number (90 for H100) of a CUDA device; None under the interpreter."""
-    if device.type != "cuda":
-        return None
-    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[0]
+    props = _props(device)
+    return None if props is None else props[0]
 
 
 def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a few programs, enough to exercise the split paths
-    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())[1]
+    props = _props(device)
+    return 4 if props is None else props[1]  # interpreter: a few programs, enough to exercise the split paths
 
 
 def device_info(device: torch.device) -> tuple[str, int] | None:
     """(GPU name, compute capability) for the tuning cache; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    props = _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
-    return props[2], props[0]
+    props = _props(device)
+    return None if props is None else (props[2], props[0])
+
+
+def _props(device: torch.device) -> tuple[int, int, str] | None:
+    """(cc, SMs, name) of a CUDA device; off CUDA None, or the GPU a compile count pretends
+    to plan for (``autotune/compile_only.py``: launches are stubbed in that mode)."""
+    if device.type == "cuda":
+        return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+    return _PRETEND
+
+
+_PRETEND = (lambda p: None if p is None else (p[1], p[2], p[0]))(pretend_gpu())
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,11 +1,18 @@
-"""Test helpers: the tolerance rule (docs/testing.md), and the gloo process
-group of the distributed tests (spawned processes on 127.0.0.1)."""
+"""Test helpers: the tolerance rule (docs/testing.md), the gloo process
+group of the distributed tests (spawned processes on 127.0.0.1), the GPU tests' device."""
 import contextlib
 import os
 import socket
 
 import torch
 import torch.distributed as dist
+
+# The device of the GPU tests (test_*_gpu.py): CUDA. Only when a compile count runs them with
+# launches stubbed on a machine without one (autotune/compile_only.py, POSTTRAIN_KERNELS_PRETEND_GPU):
+# the CPU, planned as for the pretended GPU; their results are garbage then and not checked.
+COUNTING_ON_CPU = not torch.cuda.is_available() and bool(os.environ.get("POSTTRAIN_KERNELS_PRETEND_GPU")) \
+    and bool(os.environ.get("POSTTRAIN_KERNELS_COMPILE_ONLY"))
+GPU = torch.device("cpu" if COUNTING_ON_CPU else "cuda")
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 

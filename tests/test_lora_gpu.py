@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_rule
+from helpers import GPU, assert_close_rule
 
 import posttrain_kernels as pk
 from posttrain_kernels.ops.lora import reference as ref
@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nan_poison")]
 
 
 def _inputs(M, K, N, r, dtype, adapter_dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    g = torch.Generator(device=GPU).manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=GPU)  # noqa: E731
     return (rnd(M, K).to(dtype), (rnd(N, K) / math.sqrt(K)).to(dtype),
             (rnd(r, K) / math.sqrt(K)).to(adapter_dtype), (rnd(N, r) / math.sqrt(r)).to(adapter_dtype),
             rnd(N).to(dtype), rnd(M, N).to(dtype))
@@ -46,7 +46,7 @@ def test_real_shape(dtype, adapter_dtype):
 def test_real_shape_deterministic_with_dropout():
     M, K, N, r = 8192, 4096, 4096, 16
     x, w, a, b, bias, dy = _inputs(M, K, N, r, torch.bfloat16, torch.float32)
-    seed = torch.tensor([4242], dtype=torch.int32, device="cuda")
+    seed = torch.tensor([4242], dtype=torch.int32, device=GPU)
     fn = lambda x_, w_, a_, b_, s_, bias_: pk.LoRALinearFunction.apply(  # noqa: E731
         x_, w_, a_, b_, bias_, s_, 0.1, seed, "auto")
     first = _fwd_bwd(x, w, a, b, bias, dy, 2.0, fn)
@@ -58,11 +58,11 @@ def test_real_shape_deterministic_with_dropout():
 
 def test_torch_compile_inductor_fullgraph():
     torch._dynamo.reset()
-    layer = pk.LoRALinear(512, 384, r=16, lora_alpha=32, init_lora_weights=False, device="cuda",
+    layer = pk.LoRALinear(512, 384, r=16, lora_alpha=32, init_lora_weights=False, device=GPU,
                           dtype=torch.bfloat16)
     model = torch.nn.Sequential(layer, torch.nn.SiLU())
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(4, 100, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(4, 100, 512, device=GPU, dtype=torch.bfloat16, requires_grad=True)
     y = compiled(x)
     torch.testing.assert_close(y, model(x), rtol=2e-2, atol=2e-2)
     y.float().pow(2).sum().backward()
@@ -70,9 +70,9 @@ def test_torch_compile_inductor_fullgraph():
 
 
 def test_cuda_graph_capture_forward_backward():
-    layer = pk.LoRALinear(256, 320, r=8, lora_dropout=0.1, init_lora_weights=False, device="cuda",
+    layer = pk.LoRALinear(256, 320, r=8, lora_dropout=0.1, init_lora_weights=False, device=GPU,
                           dtype=torch.bfloat16)
-    x = torch.randn(77, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(77, 256, device=GPU, dtype=torch.bfloat16, requires_grad=True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up compiles the kernels outside the capture
@@ -90,7 +90,7 @@ def test_cuda_graph_capture_forward_backward():
 
 def _paths():
     from posttrain_kernels.ops.backend import compute_capability
-    if (compute_capability(torch.device("cuda")) or 0) < 90:
+    if (compute_capability(GPU) or 0) < 90:
         pytest.skip("the TMA GEMM needs sm_90")
     return ("tma", "portable")
 
@@ -104,7 +104,7 @@ def test_tma_and_portable_paths_agree(dropout, monkeypatch):
     from posttrain_kernels.ops.backend import GEMM_VAR
     M, K, N, r = 2048, 4096, 4096, 16
     x, w, a, b, bias, dy = _inputs(M, K, N, r, torch.bfloat16, torch.float32)
-    seed = torch.tensor([11], dtype=torch.int32, device="cuda")
+    seed = torch.tensor([11], dtype=torch.int32, device=GPU)
     fn = lambda x_, w_, a_, b_, s_, bias_: pk.LoRALinearFunction.apply(  # noqa: E731
         x_, w_, a_, b_, bias_, s_, dropout, seed if dropout else None, "auto")
     outs = {}

@@ -3,6 +3,7 @@
 the reference backend, and CUDA graph capture (no host synchronisation)."""
 import pytest
 import torch
+from helpers import GPU
 
 import posttrain_kernels as pk
 from posttrain_kernels.ops.moe import reference as ref
@@ -11,9 +12,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nan_poison")]
 
 
 def _setup(n=8192, d=4096, E=8, cf=2.0, dtype=torch.bfloat16):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, d, device="cuda", generator=g).to(dtype)
-    logits = torch.randn(n, E, device="cuda", generator=g)
+    g = torch.Generator(device=GPU).manual_seed(0)
+    x = torch.randn(n, d, device=GPU, generator=g).to(dtype)
+    logits = torch.randn(n, E, device=GPU, generator=g)
     gates, idx = pk.expert_choice_route(logits, pk.capacity_from_factor(n, E, cf))
     return x, gates, idx
 
@@ -39,7 +40,7 @@ def test_dispatch_combine_bf16_real_shape():
 def test_bitwise_deterministic_real_shape():
     x, gates, idx = _setup()
     x.requires_grad_(True)
-    eo = torch.randn(*idx.shape, x.shape[1], device="cuda", dtype=x.dtype)
+    eo = torch.randn(*idx.shape, x.shape[1], device=GPU, dtype=x.dtype)
     first = None
     for _ in range(3):
         y = pk.moe_combine(eo, idx, gates, x.shape[0])
@@ -52,10 +53,10 @@ def test_bitwise_deterministic_real_shape():
 @pytest.mark.parametrize("cls,kwargs", [(pk.ExpertChoiceMoE, {}), (pk.TopKMoE, {"top_k": 2})])
 def test_layer_against_reference_backend(cls, kwargs):
     torch.manual_seed(0)
-    layer = cls(512, 1024, 8, device="cuda", dtype=torch.bfloat16, **kwargs)
-    eager = cls(512, 1024, 8, device="cuda", dtype=torch.bfloat16, backend="reference", **kwargs)
+    layer = cls(512, 1024, 8, device=GPU, dtype=torch.bfloat16, **kwargs)
+    eager = cls(512, 1024, 8, device=GPU, dtype=torch.bfloat16, backend="reference", **kwargs)
     eager.load_state_dict(layer.state_dict())
-    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(4, 256, 512, device=GPU, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     got = torch.autograd.grad(layer(x), [x] + list(layer.parameters()), dy)
     want = torch.autograd.grad(eager(x), [x] + list(eager.parameters()), dy)
@@ -64,8 +65,8 @@ def test_layer_against_reference_backend(cls, kwargs):
 
 
 def test_cuda_graph_capture_layer():
-    layer = pk.ExpertChoiceMoE(256, 512, 8, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    layer = pk.ExpertChoiceMoE(256, 512, 8, device=GPU, dtype=torch.bfloat16)
+    x = torch.randn(512, 256, device=GPU, dtype=torch.bfloat16)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -86,15 +87,15 @@ def test_grouped_experts_bf16():
     matches the padded path in the output and every gradient, and two
     backward passes are bitwise equal."""
     from posttrain_kernels.ops.moe import grouped
-    ok, why = grouped.grouped_supported(torch.device("cuda"), torch.bfloat16, 512, 1024)
+    ok, why = grouped.grouped_supported(GPU, torch.bfloat16, 512, 1024)
     if not ok:
         pytest.skip(why)
     torch.manual_seed(0)
-    kw = dict(top_k=2, capacity_factor=1.25, gated=True, device="cuda", dtype=torch.bfloat16)
+    kw = dict(top_k=2, capacity_factor=1.25, gated=True, device=GPU, dtype=torch.bfloat16)
     auto = pk.TopKMoE(512, 1024, 8, **kw)
     padded = pk.TopKMoE(512, 1024, 8, expert_gemm="padded", **kw)
     padded.load_state_dict(auto.state_dict())
-    x = torch.randn(4, 1000, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(4, 1000, 512, device=GPU, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     assert auto.uses_grouped_gemm(x)
     runs = []

@@ -4,6 +4,7 @@ its own adapter) against the per-row reference, and CUDA graph capture
 (grouping by adapter happens on the device, no host synchronisation)."""
 import pytest
 import torch
+from helpers import GPU
 
 import posttrain_kernels as pk
 from posttrain_kernels.ops.multi_lora import reference as ref
@@ -12,14 +13,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nan_poison")]
 
 
 def _case(M, adapters, K=4096, N=4096, r=16, dtype=torch.bfloat16):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(dtype)
-    A = (torch.randn(adapters, r, K, device="cuda", generator=g) / K ** 0.5).to(dtype)
-    B = (torch.randn(adapters, N, r, device="cuda", generator=g) / r ** 0.5).to(dtype)
-    ranks = torch.randint(1, r + 1, (adapters,), device="cuda", generator=g).to(torch.int32)
-    scales = torch.rand(adapters, device="cuda", generator=g)
-    ids = torch.randint(-1, adapters, (M,), device="cuda", generator=g)
+    g = torch.Generator(device=GPU).manual_seed(0)
+    x = torch.randn(M, K, device=GPU, generator=g).to(dtype)
+    w = (torch.randn(N, K, device=GPU, generator=g) / K ** 0.5).to(dtype)
+    A = (torch.randn(adapters, r, K, device=GPU, generator=g) / K ** 0.5).to(dtype)
+    B = (torch.randn(adapters, N, r, device=GPU, generator=g) / r ** 0.5).to(dtype)
+    ranks = torch.randint(1, r + 1, (adapters,), device=GPU, generator=g).to(torch.int32)
+    scales = torch.rand(adapters, device=GPU, generator=g)
+    ids = torch.randint(-1, adapters, (M,), device=GPU, generator=g)
     return x, w, A, B, ranks, scales, ids
 
 
@@ -41,7 +42,7 @@ def test_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = pk.multi_lora_linear(x, w, A, B, ranks, scales, ids)
-    ids.copy_(torch.randint(-1, 8, ids.shape, device="cuda"))  # new tenants, same graph
+    ids.copy_(torch.randint(-1, 8, ids.shape, device=GPU))  # new tenants, same graph
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, pk.multi_lora_linear(x, w, A, B, ranks, scales, ids), rtol=0, atol=0)
@@ -53,10 +54,10 @@ def test_bf16_gradients_against_reference(dropout):
     16 adapters (optionally with per-slot LoRA dropout) against autograd
     through the per-row reference in fp32 with the same seeds."""
     x, w, A, B, ranks, scales, ids = _case(1024, 16, K=1024, N=768)
-    dy = torch.randn(1024, 768, device="cuda").to(torch.bfloat16)
-    p = torch.linspace(0.0, 0.5, 16, device="cuda") if dropout else None
+    dy = torch.randn(1024, 768, device=GPU).to(torch.bfloat16)
+    p = torch.linspace(0.0, 0.5, 16, device=GPU) if dropout else None
     torch.manual_seed(3)
-    seeds = torch.randint(0, 2**31 - 1, (1,), device="cuda", dtype=torch.int32)
+    seeds = torch.randint(0, 2**31 - 1, (1,), device=GPU, dtype=torch.int32)
 
     def grads(dtype, fn):
         leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, A, B)]
@@ -81,10 +82,10 @@ def test_tma_and_portable_paths_agree(monkeypatch):
     """The sm_90 multi-adapter GEMM (weight through TMA, persistent grid) and
     the portable kernel on the same bf16 batch of 64 adapters, forward and dx."""
     from posttrain_kernels.ops.backend import GEMM_VAR, compute_capability
-    if (compute_capability(torch.device("cuda")) or 0) < 90:
+    if (compute_capability(GPU) or 0) < 90:
         pytest.skip("the TMA GEMM needs sm_90")
     x, w, A, B, ranks, scales, ids = _case(1024, 64)
-    dy = torch.randn(x.shape[0], w.shape[0], device="cuda").to(x.dtype)
+    dy = torch.randn(x.shape[0], w.shape[0], device=GPU).to(x.dtype)
     outs = {}
     for path in ("tma", "portable"):
         monkeypatch.setenv(GEMM_VAR, path)

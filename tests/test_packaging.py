@@ -99,3 +99,19 @@ def test_transformers_hub_kernels_imports_from_the_checkout():
         "import posttrain_kernels\n"
         "print('ok')\n")
     assert out.strip() == "ok"
+
+
+def test_the_triton_36_interpreter_states_its_numpy_bound(monkeypatch):
+    """Triton 3.6's interpreter fails with numpy >= 2.4: said once, with the fix, not test by test."""
+    import numpy
+    import triton
+
+    from posttrain_kernels.ops.backend import interpreter_problem
+    for triton_v, numpy_v, bad in (("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False), ("3.9.0", "2.4.6", False),
+                                   ("3.5.1", "2.4.0", True)):
+        monkeypatch.setattr(triton, "__version__", triton_v)
+        monkeypatch.setattr(numpy, "__version__", numpy_v)
+        problem = interpreter_problem()
+        assert bool(problem) == bad, (triton_v, numpy_v, problem)
+        if bad:
+            assert "numpy < 2.4" in problem and triton_v in problem
