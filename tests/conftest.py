@@ -55,11 +55,19 @@ def pytest_sessionstart(session):
 TEST_LOG = os.environ.get("POSTTRAIN_KERNELS_TEST_LOG")  # bench/gpu_check.sh: a line per test as it ends
 
 
+_IS_WORKER = False
+
+
+def pytest_configure(config):
+    global _IS_WORKER
+    _IS_WORKER = hasattr(config, "workerinput")  # (not $PYTEST_XDIST_WORKER: a pytest run by a test inherits it)
+
+
 def pytest_runtest_logreport(report):
     """With ``POSTTRAIN_KERNELS_TEST_LOG``: ``<outcome> <seconds> <test id>`` appended the moment a
     test's outcome is known (the controller's hook under xdist), so a run killed at its time limit
     keeps every result it had."""
-    if not TEST_LOG or os.environ.get("PYTEST_XDIST_WORKER"):  # workers: the controller writes it
+    if not TEST_LOG or _IS_WORKER:  # xdist workers: the controller writes it
         return
     if not (report.when == "call" or (report.when == "setup" and not report.passed)):
         return
