@@ -73,6 +73,14 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+FP32_MAX = 3.4028234663852886e38
+
+
+def is_fp32_number(v) -> bool:
+    """A finite int or float that stays finite in fp32 (scales and alphas are kept in fp32)."""
+    return is_number(v) and abs(v) <= FP32_MAX
+
+
 def check_rate(value, name: str) -> None:
     """A LoRA dropout rate: a number in [0, 1)."""
     check(is_number(value) and 0.0 <= value < 1.0, name, f"expected a dropout rate in [0, 1), got {value!r}")

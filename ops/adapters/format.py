@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from ..common import check_rate, is_number, lora_scale
+from ..common import check_rate, is_fp32_number, is_number, lora_scale
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -145,10 +145,15 @@ def check_config(config: dict) -> float:
         if not isinstance(pattern, dict):
             raise ValueError(f"path: {field} must be an object, got {pattern!r}")
         for key, value in pattern.items():
-            ok = is_number(value) and (value >= 1 and value == int(value) if field == "rank_pattern" else True)
+            ok = is_number(value) and value >= 1 and value == int(value) if field == "rank_pattern" else \
+                is_fp32_number(value)
             if not ok:
-                raise ValueError(f"path: {field}[{key!r}] must be a {'positive int' if field == 'rank_pattern' else 'number'}"
-                                 f", got {value!r}")
+                raise ValueError(f"path: {field}[{key!r}] must be a "
+                                 f"{'positive int' if field == 'rank_pattern' else 'number finite in fp32'}, "
+                                 f"got {value!r}")
+    if "lora_alpha" in config and not is_fp32_number(config["lora_alpha"]):
+        # NaN and Infinity are valid to Python's json; 1e40 is finite in float64 but not in fp32 scales
+        raise ValueError(f"path: lora_alpha must be a number finite in fp32, got {config['lora_alpha']!r}")
     dropout = config.get("lora_dropout") or 0.0
     check_rate(dropout, "path: lora_dropout")
     return float(dropout)

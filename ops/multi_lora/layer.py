@@ -3,13 +3,69 @@ LoRA adapters held in slots. It calls the functional API only; no Triton here.
 ``AdapterPool`` (``ops/adapters/pool.py``) fills its slots from PEFT files."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import threading
+import types
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_number, weight_out_in
+from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_fp32_number, weight_out_in
 from .function import multi_lora_linear
+
+
+# ---------------------------------------------------------------- which adapters a forward uses
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The adapters of one batch: ``ids`` (a slot per batch row when ``per_row``, else per
+    token), and ``rows_repeat`` inside ``generate`` (rows may come in k copies)."""
+
+    ids: torch.Tensor
+    per_row: bool
+    rows_repeat: bool = False
+
+
+# group -> Selection of the batch open in this thread / task. A context variable: each thread
+# (and asyncio task) sees its own, a new thread starts with none, and leaving a block restores
+# the one around it (nesting).
+_SELECTED: contextvars.ContextVar = contextvars.ContextVar("posttrain_kernels_selected",
+                                                           default=types.MappingProxyType({}))
+_OPEN: dict = {}  # group -> {id(selection): selection} of every open batch, all threads
+_OPEN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def selected(group, selection: Selection):
+    """The layers of ``group`` use ``selection`` in this context for the duration of the block."""
+    token = _SELECTED.set(types.MappingProxyType({**_SELECTED.get(), group: selection}))
+    with _OPEN_LOCK:
+        _OPEN.setdefault(group, {})[id(selection)] = selection
+    try:
+        yield selection
+    finally:
+        with _OPEN_LOCK:
+            _OPEN[group].pop(id(selection), None)
+        _SELECTED.reset(token)
+
+
+def current_selection(group) -> Optional[Selection]:
+    """This context's selection for ``group``. Inside autograd's backward (which on CUDA runs on
+    the engine's own threads, outside the caller's context: activation checkpointing recomputes
+    forwards there) the one batch open anywhere for the group; with several open, which one the
+    recomputation belongs to is unknown, and that raises rather than guess."""
+    sel = _SELECTED.get().get(group)
+    if sel is not None or torch._C._current_graph_task_id() == -1:
+        return sel
+    with _OPEN_LOCK:
+        open_ = list(_OPEN.get(group, {}).values())
+    if len(open_) > 1:
+        raise RuntimeError("adapters: a forward recomputed in backward (activation checkpointing) while several "
+                           "batches of this pool are open in other threads: run the backward in the thread of "
+                           "its batch (inside the block), or one batch at a time")
+    return open_[0] if open_ else None
 
 
 class MultiLoRALinear(FrozenLinearWrapper):
@@ -68,17 +124,28 @@ class MultiLoRALinear(FrozenLinearWrapper):
         # LoRA dropout per slot, applied in training mode (host copy: decides whether to pass it, no sync)
         self.register_buffer("lora_dropout", torch.zeros(max_adapters, dtype=torch.float32, device=kw["device"]))
         self._dropout: dict[int, float] = {}
+        # The adapters of a forward: the open batch of this thread for ``batch_group`` (AdapterPool.batch,
+        # ``selected``), else these attributes, for a layer used on its own.
+        self.batch_group = None
         self.adapter_ids: Optional[torch.Tensor] = None
-        self.ids_per_row = False  # adapter_ids holds one id per batch row (AdapterPool.batch with names)
-        self.rows_repeat = False  # inside generate(): a batch may hold k copies of each row (beams, sequences)
+        self.ids_per_row = False  # adapter_ids holds one id per batch row
+        self.rows_repeat = False  # a batch may hold k copies of each row (beams, sequences)
 
     @torch.no_grad()
     def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  slice_index: Optional[int] = None, dropout: float = 0.0) -> None:
         """Write one adapter (``lora_a [r, in]``, ``lora_b [out or slice width, r]``)
         into ``slot`` (of slice ``slice_index`` for a fused projection), with
-        its LoRA dropout rate (the slot's, shared by its slices)."""
-        # Every check first: a failure leaves the slot as it was.
+        its LoRA dropout rate (the slot's, shared by its slices). Every
+        argument is checked first (``check_slot``): a failure leaves the slot
+        as it was."""
+        r = self.check_slot(slot, lora_a, lora_b, scale, slice_index, dropout)
+        self._write_slot(slot, lora_a, lora_b, r, scale, slice_index, dropout)
+
+    def check_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                   slice_index: Optional[int] = None, dropout: float = 0.0) -> int:
+        """``ValueError`` naming the argument unless ``set_slot`` with these arguments would
+        succeed; returns the rank. Callers that write several layers check them all first."""
         slots = self.lora_A.shape[0]
         check(isinstance(slot, int) and 0 <= slot < slots, "slot", f"expected an int in [0, {slots}), got {slot!r}")
         if self.slices is None:
@@ -93,12 +160,16 @@ class MultiLoRALinear(FrozenLinearWrapper):
             check(isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point(), name,
                   f"expected a floating 2-D tensor, got {getattr(v, 'dtype', type(v).__name__)} "
                   f"{tuple(getattr(v, 'shape', ()))}")
+            check(v.device.type != "meta", name, "is on the meta device: it has no values to copy")
         r = lora_a.shape[0]
         check(1 <= r <= self.max_rank and lora_a.shape[1] == self.in_features, "lora_a",
               f"expected [r, {self.in_features}] with 1 <= r <= max_rank={self.max_rank}, got {tuple(lora_a.shape)}")
         check(tuple(lora_b.shape) == (width, r), "lora_b", f"expected [{width}, {r}], got {tuple(lora_b.shape)}")
-        check(is_number(scale), "scale", f"expected a finite float, got {scale!r}")
+        check(is_fp32_number(scale), "scale", f"expected a float finite in fp32, got {scale!r}")
         check_rate(dropout, "dropout")
+        return r
+
+    def _write_slot(self, slot, lora_a, lora_b, r, scale, slice_index, dropout) -> None:
         self.lora_dropout[slot] = dropout
         self._dropout[slot] = float(dropout)
         if self.slices is None:
@@ -128,7 +199,7 @@ class MultiLoRALinear(FrozenLinearWrapper):
         self.lora_dropout[slot] = 0.0
         self._dropout.pop(slot, None)
 
-    def token_ids(self, x: torch.Tensor) -> torch.Tensor:
+    def token_ids(self, x: torch.Tensor, selection: Optional[Selection] = None) -> torch.Tensor:
         """One slot id per token of ``x`` from ``adapter_ids``. Per-row ids
         (``AdapterPool.batch`` with names) must match the batch dim, except
         inside ``generate`` (``rows_repeat``): a batch of k times as many rows,
@@ -136,11 +207,12 @@ class MultiLoRALinear(FrozenLinearWrapper):
         (``repeat_interleave`` of the inputs), repeats each id k times, as
         PEFT expands ``adapter_names``. Per-token ids (a tensor) must have one
         id per token, or one per batch row."""
-        ids, tokens = self.adapter_ids, x.shape[:-1]
+        sel = selection or Selection(self.adapter_ids, self.ids_per_row, self.rows_repeat)
+        ids, tokens = sel.ids, x.shape[:-1]
         rows = tokens[0] if len(tokens) else 1
-        if self.ids_per_row:
+        if sel.per_row:
             n = ids.numel()
-            fits = rows == n or (self.rows_repeat and n >= 1 and rows % n == 0)
+            fits = rows == n or (sel.rows_repeat and n >= 1 and rows % n == 0)
             check(fits, "adapters", f"{n} adapter names for a batch of {rows} rows: give one name per batch row")
             ids = ids.repeat_interleave(rows // n) if rows != n else ids
         elif not (ids.dim() == 1 and len(tokens) >= 2 and ids.numel() == rows):
@@ -148,9 +220,10 @@ class MultiLoRALinear(FrozenLinearWrapper):
         return ids.reshape(rows, *([1] * (len(tokens) - 1))).expand(*tokens).reshape(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.adapter_ids is None:
+        sel = None if self.batch_group is None else current_selection(self.batch_group)
+        if sel is None and self.adapter_ids is None:
             return nn.functional.linear(x, self.weight_nk, self.bias)
-        ids = self.token_ids(x)
+        ids = self.token_ids(x, sel)
         drop = self.lora_dropout if self.training and any(p > 0 for p in self._dropout.values()) else None
         return multi_lora_linear(x, self.weight_nk, self.lora_A, self.lora_B, self.ranks, self.scales, ids,
                                  self.bias, self.slices, drop)
