@@ -123,7 +123,40 @@ def test_peft_features_behave_as_unpatched(tmp_path):
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert "forward" not in vars(layer), "unpatch_peft restores PEFT's forward"
     pk.patch_peft(pk.patch_peft(ours))  # idempotent
-    assert vars(layer)["forward"].__func__.__name__ == "_fused_forward"
+    from posttrain_kernels.ops.adapters import patch
+    assert isinstance(vars(layer)["forward"], patch._Forward)
+
+
+def test_patched_model_pickles_and_loads(tmp_path):
+    """torch.save of a patched model writes a checkpoint torch.load reads back, still patched,
+    with the same outputs (single adapter and mixed batch)."""
+    ours = pk.patch_peft(_peft("llama", adapters=("a", "b")))
+    ids = _ids()
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits, ours(input_ids=ids, adapter_names=["a", "__base__", "b"]).logits
+    torch.save(ours, tmp_path / "model.pt")
+    back = torch.load(tmp_path / "model.pt", weights_only=False)
+    calls = OP_CALLS["lora_fwd_impl"]
+    with torch.no_grad():
+        got = back(input_ids=ids).logits, back(input_ids=ids, adapter_names=["a", "__base__", "b"]).logits
+    assert OP_CALLS["lora_fwd_impl"] > calls, "the loaded model is still patched"
+    for u, v in zip(got, want):
+        assert torch.equal(u, v)
+
+
+def test_mixed_batch_sees_edits_through_data():
+    """An in-place edit through ``.data`` (no version bump) reaches the next mixed batch."""
+    ref = _peft("llama", adapters=("a", "b"))
+    ours = pk.patch_peft(copy.deepcopy(ref))
+    ids, names = _ids(), ["a", "__base__", "b"]
+    with torch.no_grad():
+        ours(input_ids=ids, adapter_names=names)  # a first mixed batch (what a cache would keep)
+        for m in (ref, ours):
+            for mod in m.modules():
+                if hasattr(mod, "lora_B") and "b" in getattr(mod, "lora_B", {}):
+                    mod.lora_B["b"].weight.data.mul_(2)
+        torch.testing.assert_close(ours(input_ids=ids, adapter_names=names).logits,
+                                   ref(input_ids=ids, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_and_dropout():

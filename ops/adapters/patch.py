@@ -18,7 +18,6 @@ No Triton here: the forward calls the functional API.
 """
 from __future__ import annotations
 
-import types
 import warnings
 from typing import Optional
 
@@ -68,6 +67,18 @@ def _active(layer) -> list[str]:
     return [a for a in layer.active_adapters if a in layer.lora_A]
 
 
+class _Forward:
+    """The patched forward of one layer, an instance attribute. A callable object, not a bound
+    function: ``torch.save`` / ``pickle`` of a patched model would store a bound function by its
+    name, which the class lacks (the checkpoint could not be loaded); this pickles with the layer."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return _fused_forward(self.layer, x, *args, **kwargs)
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA Linear forward, through the fused kernels where they apply."""
     original = type(self).forward
@@ -90,15 +101,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _stack(layer, names: list[str], device: torch.device):
-    """This layer's adapters stacked into slots (cached; rebuilt when an
-    adapter's weights, rank or scale change): (A, B, ranks, scales, slot of
-    each name)."""
-    key = tuple((n, layer.lora_A[n].weight._version, layer.lora_A[n].weight.data_ptr(),
-                 layer.lora_B[n].weight._version, layer.lora_B[n].weight.data_ptr(), layer.scaling[n])
-                for n in names)
-    cached = layer._caches.get("posttrain_stack")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    """This layer's adapters stacked into slots: (A, B, ranks, scales, slot of each name).
+
+    Built per call, not cached: an edit through ``.data`` (``lora_B[n].weight.data.mul_(2)``,
+    as some training loops and weight-averaging tools do) bumps no version counter, so no
+    cheap key sees it. The copies are R·(K + N) elements per adapter, small next to the GEMM."""
     A = [layer.lora_A[n].weight for n in names]
     B = [layer.lora_B[n].weight for n in names]
     R = max(a.shape[0] for a in A)
@@ -111,9 +118,7 @@ def _stack(layer, names: list[str], device: torch.device):
             stack_b[i, :, :b.shape[1]] = b
     ranks = torch.tensor([a.shape[0] for a in A], dtype=torch.int32, device=device)
     scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32, device=device)
-    value = (stack_a, stack_b, ranks, scales, {n: i for i, n in enumerate(names)})
-    layer._caches["posttrain_stack"] = (key, value)
-    return value
+    return stack_a, stack_b, ranks, scales, {n: i for i, n in enumerate(names)}
 
 
 def _mixed_batch(layer, x, adapter_names, weight, bias, original):
@@ -149,7 +154,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
         if reason is not None:
             fallbacks.setdefault(reason, []).append(name)
         if not getattr(m, _PATCHED, False):
-            m.forward = types.MethodType(_fused_forward, m)
+            m.forward = _Forward(m)
             setattr(m, _PATCHED, True)
     for reason, names in fallbacks.items():
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -164,5 +169,4 @@ def unpatch_peft(model: nn.Module) -> nn.Module:
         if getattr(m, _PATCHED, False):
             del m.forward
             delattr(m, _PATCHED)
-            getattr(m, "_caches", {}).pop("posttrain_stack", None)
     return model
