@@ -275,3 +275,44 @@ def test_a_forward_recomputed_in_backward_finds_its_batch(device, monkeypatch):
     assert seen["none"] is None
     assert seen["one"] is not None and seen["one"].ids is ids
     assert isinstance(seen["two"], RuntimeError) and "several" in str(seen["two"])
+
+
+# ---------------------------------------------------------------- state that survives a round trip
+@pytest.mark.parametrize("target_merged", [False, True], ids=["into-unmerged", "into-merged"])
+def test_merged_lora_linear_state_dict_round_trip(target_merged, device):
+    """A merged layer's state_dict loaded into a fresh layer does not apply the delta twice."""
+    torch.manual_seed(0)
+    layer = pk.LoRALinear(16, 12, r=4, lora_alpha=8, init_lora_weights=False).to(device).eval()
+    x = torch.randn(5, 16, device=device)
+    with torch.no_grad():
+        want = layer(x)
+        layer.merge()
+        merged_out = layer(x)
+    fresh = pk.LoRALinear(16, 12, r=4, lora_alpha=8).to(device).eval()
+    if target_merged:
+        fresh.merge()
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.merged == target_merged and layer.merged
+    with torch.no_grad():
+        got = fresh(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged_out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_lora_state_dict_keeps_slot_dropout(device):
+    layer = pk.MultiLoRALinear(16, 8, max_adapters=2, max_rank=4).to(device)
+    g = torch.Generator().manual_seed(3)
+    layer.set_slot(0, torch.randn(4, 16, generator=g).to(device), torch.randn(8, 4, generator=g).to(device), 0.5,
+                   dropout=0.4)
+    fresh = pk.MultiLoRALinear(16, 8, max_adapters=2, max_rank=4).to(device)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 16, generator=g).to(device)
+    outs = []
+    for m in (layer, fresh):
+        m.train()
+        m.adapter_ids = torch.zeros(6, dtype=torch.int64, device=device)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            outs.append(m(x))
+    assert fresh._dropout == {0: pytest.approx(0.4)}
+    assert torch.equal(outs[0], outs[1]), "training-mode output differs after a state_dict round trip"

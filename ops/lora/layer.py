@@ -89,6 +89,10 @@ class LoRALinear(FrozenLinearWrapper):
         self.disabled = False  # the base layer alone (``disable_adapter``)
         self.tensor_shard = None  # set by tensor parallelism (ops/lora/parallel.py)
         self.reset_lora_parameters(init_lora_weights)
+        # A merged layer's state_dict holds the unmerged weight (with the adapter next to it): the one
+        # representation any loader reads right. Loaded into a merged layer, the delta is merged again.
+        self._register_state_dict_hook(_unmerged_weight_in_state)
+        self.register_load_state_dict_post_hook(_merge_again_after_load)
 
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = "kaiming") -> None:
         init_lora_(self.lora_A.weight, self.lora_B.weight, init_lora_weights)
@@ -138,3 +142,17 @@ class LoRALinear(FrozenLinearWrapper):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
                 f"bias={self.bias is not None}, merged={self.merged}")
+
+
+def _unmerged_weight_in_state(module: LoRALinear, state_dict, prefix, local_metadata):
+    if module.merged and prefix + "weight" in state_dict:
+        with torch.no_grad():
+            w = module.weight
+            state_dict[prefix + "weight"] = (w.float() - module.delta_weight()).to(w.dtype)
+    return state_dict
+
+
+def _merge_again_after_load(module: LoRALinear, incompatible_keys):
+    if module.merged:  # the state holds the unmerged weight: fold the (loaded) adapter in again
+        module.merged = False
+        module.merge()

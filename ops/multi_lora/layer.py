@@ -123,7 +123,8 @@ class MultiLoRALinear(FrozenLinearWrapper):
         self.register_buffer("scales", torch.zeros(rs, dtype=torch.float32, device=kw["device"]))
         # LoRA dropout per slot, applied in training mode (host copy: decides whether to pass it, no sync)
         self.register_buffer("lora_dropout", torch.zeros(max_adapters, dtype=torch.float32, device=kw["device"]))
-        self._dropout: dict[int, float] = {}
+        self._dropout: dict[int, float] = {}  # host copy of lora_dropout's nonzero rates (rebuilt on load)
+        self.register_load_state_dict_post_hook(_dropout_from_buffer)
         # The adapters of a forward: the open batch of this thread for ``batch_group`` (AdapterPool.batch,
         # ``selected``), else these attributes, for a layer used on its own.
         self.batch_group = None
@@ -231,3 +232,8 @@ class MultiLoRALinear(FrozenLinearWrapper):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"slots={self.lora_A.shape[0]}, max_rank={self.max_rank}, slices={self.slices}")
+
+
+def _dropout_from_buffer(module: MultiLoRALinear, incompatible_keys):
+    """After ``load_state_dict``: the host copy of the per-slot dropout rates from the loaded buffer."""
+    module._dropout = {i: p for i, p in enumerate(module.lora_dropout.tolist()) if p > 0}
