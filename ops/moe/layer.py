@@ -166,6 +166,14 @@ class _MoEBase(nn.Module):
         self.aux_losses: dict = {}
         self.expert_shard = None  # set by shard_experts: this rank's share of the experts
 
+    def __getstate__(self):
+        """``aux_losses`` detached: after a grad-enabled forward they are non-leaf tensors, which
+        ``copy.deepcopy`` (and pickling) refuse."""
+        state = dict(self.__dict__)
+        state["aux_losses"] = {k: v.detach() if isinstance(v, torch.Tensor) else v
+                               for k, v in self.aux_losses.items()}
+        return state
+
     def _groups(self, x: torch.Tensor, n: int) -> Optional[int]:
         """The routing group size of this call: fixed, one per sequence
         (``group_by="sequence"``: x's second-to-last dim), or all n tokens."""
@@ -214,7 +222,9 @@ class _MoEBase(nn.Module):
             router_in = flat.float()
             if self.training and self.jitter > 0:  # Switch's multiplicative noise on the router's input
                 router_in = router_in * torch.empty_like(router_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = self.router(router_in)
+            # fp32 whatever the router's storage dtype (after .half() / .to(bfloat16) of the layer)
+            w, b = self.router.weight, self.router.bias
+            logits = nn.functional.linear(router_in, w.float(), None if b is None else b.float())
         if self.expert_shard is not None:
             y = self._forward_sharded(flat, logits)
         else:

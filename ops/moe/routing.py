@@ -69,13 +69,19 @@ def expert_choice_route(router_logits: Tensor, capacity: int, group_size: Option
         raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
     logits = router_logits.float()
     probs = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    # A token whose probabilities are not finite (NaN, +inf or all -inf logits) sorts after every
+    # finite token in every expert: it never displaces a healthy token (it gets a slot only where an
+    # expert has more slots than finite tokens, and its NaN gate then stays in its own row).
+    bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+    key = torch.where(bad, float("-inf"), probs)
     grouped = _grouped(probs, group_size)  # [G, g, E]
     G, g, E = grouped.shape
     take = min(capacity, g)
     # Stable top-k: sort descending with a stable sort so equal probabilities
     # keep token order (torch.topk does not promise an order for ties).
-    vals, idx = torch.sort(grouped.transpose(1, 2), dim=-1, descending=True, stable=True)
-    vals, idx = vals[..., :take], idx[..., :take]  # [G, E, take]
+    _, idx = torch.sort(_grouped(key, group_size).transpose(1, 2), dim=-1, descending=True, stable=True)
+    idx = idx[..., :take]  # [G, E, take]
+    vals = torch.gather(grouped.transpose(1, 2), -1, idx)
     idx = idx + (torch.arange(G, device=idx.device) * g)[:, None, None]
     if take < capacity:
         pad = capacity - take
