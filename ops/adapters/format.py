@@ -77,8 +77,11 @@ def read_adapter_file(path: Union[str, os.PathLike]) -> AdapterFile:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"path: {cfg_path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict):
+        raise ValueError(f"path: {cfg_path} holds a JSON {type(config).__name__}, not an adapter config object")
+    if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"path: {cfg_path} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
+    check_config_fields(config, cfg_path)
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)):
             raise ValueError(f"path: {cfg_path} has no numeric {key!r}")
@@ -101,7 +104,11 @@ def read_adapter_file(path: Union[str, os.PathLike]) -> AdapterFile:
     for key, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
         if m is not None:
-            layers.setdefault(m.group(1), {})[m.group(2)] = t
+            pair = layers.setdefault(m.group(1), {})
+            if m.group(2) in pair:  # e.g. with and without the base_model.model. prefix: which one is meant?
+                raise ValueError(f"path: {w_path} holds two lora_{m.group(2)} tensors of {m.group(1)} (the second: "
+                                 f"{key})")
+            pair[m.group(2)] = t
             continue
         module, _, param = key.removeprefix(_PREFIX).rpartition(".")
         if saved_targets and matches_target(module, saved_targets):
@@ -135,6 +142,26 @@ class AdapterEntry:
     r: int
     alpha: float
     scale: float
+
+
+def check_config_fields(config: dict, where: str) -> None:
+    """The fields read as regexes or lists, checked for type and syntax (``ValueError`` naming the
+    file and the field, not a ``TypeError`` / ``re.error`` from deep inside a load)."""
+    targets = config.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise ValueError(f"path: {where}: target_modules must be a string (a regex) or a list of module names, "
+                         f"got {targets!r}")
+    regexes = [("target_modules", targets)] if isinstance(targets, str) else []
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field)
+        if isinstance(pattern, dict):
+            regexes += [(f"{field} key", key) for key in pattern]
+    for field, regex in regexes:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ValueError(f"path: {where}: {field} {regex!r} is not a valid regex ({e})") from None
 
 
 def check_config(config: dict) -> float:

@@ -9,14 +9,13 @@ checked arguments and raise nothing of their own.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..backend import call_op, check_backend
-from ..common import FLOAT_DTYPES, MAX_RANK, check, linear_autocast
+from ..common import FLOAT_DTYPES, MAX_RANK, check, is_fp32_number, linear_autocast
 from .op import lora_bwd, lora_bwd_impl, lora_fwd, lora_fwd_impl
 
 
@@ -101,12 +100,11 @@ def check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
     if bias is not None:
         check(isinstance(bias, Tensor), "bias", f"expected a Tensor or None, got {type(bias).__name__}")
         check(tuple(bias.shape) == (N,), "bias", f"expected [out_features={N}], got shape {tuple(bias.shape)}")
-        check(bias.dtype in FLOAT_DTYPES, "bias", f"dtype must be floating, got {bias.dtype}")
+        check(bias.dtype in FLOAT_DTYPES, "bias", f"dtype must be float16, bfloat16 or float32, got {bias.dtype}")
     for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if v is not None:
             check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
-    check(isinstance(scale, (int, float)) and math.isfinite(scale), "scale",
-           f"expected a finite float, got {scale!r}")
+    check(is_fp32_number(scale), "scale", f"expected a float finite in fp32 (|scale| <= 3.4e38), got {scale!r}")
     check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0, "dropout_p",
            f"must be in [0, 1), got {dropout_p!r}")
 

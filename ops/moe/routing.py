@@ -126,7 +126,7 @@ def select_experts(router_logits: Tensor, top_k: int, *, scoring: str = "softmax
     * ``routed_scaling_factor``: multiplies the weights last (DeepSeek, LFM2).
     """
     n, E = router_logits.shape
-    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
         raise ValueError(f"top_k: expected an int in [1, {E}], got {top_k!r}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
@@ -183,6 +183,8 @@ def topk_route(router_logits: Tensor, top_k: int, capacity: int, group_size: Opt
     token_idx)`` ``[E, capacity]`` (``[E, num_groups · capacity]`` with
     groups) with empty slots at -1 / 0.
     """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
     _check_logits(router_logits, capacity)
     n, E = router_logits.shape
     if drop_order not in DROP_ORDERS:

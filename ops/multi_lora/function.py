@@ -76,7 +76,8 @@ def check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids,
     check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
     n_sl = 1
     if slices is not None:
-        check(isinstance(slices, (list, tuple)) and all(isinstance(w, numbers.Integral) for w in slices), "slices",
+        check(isinstance(slices, (list, tuple))
+              and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in slices), "slices",
               f"expected a list of ints, got {slices!r}")
         slices = [int(w) for w in slices]
         n_sl = len(slices)
