@@ -20,9 +20,10 @@ specialisations each step compiles (``count``;
 ``python -m posttrain_kernels.bench.compile_count <folder>`` prints it).
 
 Without a GPU, ``POSTTRAIN_KERNELS_PRETEND_GPU="NVIDIA H100 80GB HBM3:90:132"``
-(name, compute capability, SMs; honoured only in this mode) makes the
-launchers plan CPU tensors as for that GPU (the sm_90 paths and configs), so
-the same count can be taken with launches stubbed on a CPU.
+(name, compute capability, SMs; honoured only in this mode, by
+``ops/backend.py``) makes the launchers plan CPU tensors as for that GPU (the
+sm_90 paths and configs), so the same count can be taken with launches
+stubbed on a CPU.
 """
 from __future__ import annotations
 
@@ -31,20 +32,10 @@ import json
 import os
 
 VAR = "POSTTRAIN_KERNELS_COMPILE_ONLY"
-PRETEND_VAR = "POSTTRAIN_KERNELS_PRETEND_GPU"
 
 
 def folder() -> str | None:
     return os.environ.get(VAR) or None
-
-
-def pretend_gpu() -> tuple | None:
-    """(name, cc, SMs) of the GPU to plan CPU tensors for, in compile-only mode only."""
-    value = os.environ.get(PRETEND_VAR)
-    if not value or not folder():
-        return None
-    name, cc, sms = value.rsplit(":", 2)
-    return name, int(cc), int(sms)
 
 
 def _int_class(v: int) -> str:

@@ -19,8 +19,6 @@ import os
 
 import torch
 
-from ..autotune.compile_only import pretend_gpu
-
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "POSTTRAIN_KERNELS_BACKEND"
 
@@ -93,6 +91,22 @@ def _props(device: torch.device) -> tuple[int, int, str] | None:
     if device.type == "cuda":
         return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
     return _PRETEND
+
+
+# A compile count on a machine without the GPU (autotune/compile_only.py): launches are stubbed
+# (POSTTRAIN_KERNELS_COMPILE_ONLY) and CPU tensors are planned as for this GPU. Honoured only in
+# that mode, so a real run never plans for a GPU it does not have.
+PRETEND_VAR, COMPILE_ONLY_VAR = "POSTTRAIN_KERNELS_PRETEND_GPU", "POSTTRAIN_KERNELS_COMPILE_ONLY"
+
+
+def pretend_gpu() -> tuple | None:
+    """(name, cc, SMs) of ``$POSTTRAIN_KERNELS_PRETEND_GPU`` ("NVIDIA H100 80GB HBM3:90:132"),
+    in compile-only mode only; else None."""
+    value = os.environ.get(PRETEND_VAR)
+    if not value or not os.environ.get(COMPILE_ONLY_VAR):
+        return None
+    name, cc, sms = value.rsplit(":", 2)
+    return name, int(cc), int(sms)
 
 
 _PRETEND = (lambda p: None if p is None else (p[1], p[2], p[0]))(pretend_gpu())

@@ -61,11 +61,13 @@ def test_compile_only_records_sm90_launches(tmp_path):
 
 def test_pretend_gpu_needs_compile_only_mode(monkeypatch):
     """The pretended GPU plans CPU tensors only while launches are stubbed: never in a real run."""
-    monkeypatch.setenv(compile_only.PRETEND_VAR, "NVIDIA H100 80GB HBM3:90:132")
+    from posttrain_kernels.ops import backend
+    assert backend.COMPILE_ONLY_VAR == compile_only.VAR
+    monkeypatch.setenv(backend.PRETEND_VAR, "NVIDIA H100 80GB HBM3:90:132")
     monkeypatch.delenv(compile_only.VAR, raising=False)
-    assert compile_only.pretend_gpu() is None
+    assert backend.pretend_gpu() is None
     monkeypatch.setenv(compile_only.VAR, "/tmp/x")
-    assert compile_only.pretend_gpu() == ("NVIDIA H100 80GB HBM3", 90, 132)
+    assert backend.pretend_gpu() == ("NVIDIA H100 80GB HBM3", 90, 132)
 
 
 def test_bench_rows_reach_the_disk_as_measured(tmp_path, monkeypatch):
