@@ -152,7 +152,7 @@ class AdapterPool:
         check(is_number(lora_alpha), "lora_alpha", f"expected a finite number, got {lora_alpha!r}")
         check_init(init_lora_weights)
         scale = lora_scale(lora_alpha, r, use_rslora)
-        check(is_fp32_number(scale), "lora_alpha", f"gives a scale finite in fp32 only up to 3.4e38, got {scale!r}")
+        check(is_fp32_number(scale), "lora_alpha", f"the scale it gives must be finite in fp32, got {scale!r}")
         # Every layer's adapter made and checked before the first change (eviction included).
         plan = []
         for layer in self.layers.values():
