@@ -65,10 +65,17 @@ class RecordingPlans(dict):
         self.looked_up = []
 
 
-@pytest.fixture
-def plans(device, monkeypatch):
+def _tma_or_skip(device, monkeypatch):
+    """The interpreter runs the TMA kernels when asked to; a GPU runs them on sm_90 and newer."""
     if device.type == "cpu":
         monkeypatch.setenv(backend.GEMM_VAR, "tma")
+    elif (backend.compute_capability(device) or 0) < 90:
+        pytest.skip("the TMA kernels need sm_90")
+
+
+@pytest.fixture
+def plans(device, monkeypatch):
+    _tma_or_skip(device, monkeypatch)
     recording = RecordingPlans()
     monkeypatch.setattr(L, "_PLANS", recording)
     return recording
@@ -184,8 +191,7 @@ def test_lora_rows_not_16_byte_multiples_take_the_portable_gemm(K, N, device, pl
 @pytest.fixture
 def multi_tma(device, monkeypatch):
     """Route the multi-adapter GEMM to the sm_90 kernel and record which path each matmul takes."""
-    if device.type == "cpu":
-        monkeypatch.setenv(backend.GEMM_VAR, "tma")
+    _tma_or_skip(device, monkeypatch)
     paths = []
     real = ML.gemm_path
 
