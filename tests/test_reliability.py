@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from helpers import GPU
 
 import posttrain_kernels as pk
 from posttrain_kernels.ops.lora import reference as lora_ref
@@ -348,7 +349,7 @@ def test_meta_tensors_give_shapes():
 # ---------------------------------------------------------------- on a GPU, bf16
 def _cuda_pool(S=4, R=16, K=256, N=192, M=300, seed=0):
     g = torch.Generator().manual_seed(seed)
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = GPU, torch.bfloat16
     return (torch.randn(M, K, generator=g).to(dev, dt), (torch.randn(N, K, generator=g) / 16).to(dev, dt),
             (torch.randn(S, R, K, generator=g) / 16).to(dev, dt), (torch.randn(S, N, R, generator=g) / 4).to(dev, dt),
             torch.full((S,), R, dtype=torch.int32, device=dev), torch.rand(S, generator=g).to(dev),
@@ -359,7 +360,7 @@ def _cuda_pool(S=4, R=16, K=256, N=192, M=300, seed=0):
 @pytest.mark.parametrize("poison", POISONS)
 def test_cuda_bf16_isolation(poison):
     x, w, A, B, ranks, scales, ids = _cuda_pool()
-    dy = torch.randn(x.shape[0], w.shape[0], device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(x.shape[0], w.shape[0], device=GPU, dtype=torch.bfloat16)
     clean = _run_multi(x, w, A, B, ranks, scales, ids, None, dy)
     bad_A, bad_B = A.clone(), B.clone()
     bad_A[-1], bad_B[-1] = poison, poison
@@ -378,9 +379,9 @@ def test_cuda_out_of_range_values_raise_before_any_launch():
         args = dict(x=x, weight=w, lora_a=A, lora_b=B, ranks=ranks, scales=scales, adapter_ids=ids, **kwargs)
         with pytest.raises(ValueError, match=f"^{name}"):
             pk.multi_lora_linear(**args)
-    xs = torch.randn(10, 64, device="cuda", dtype=torch.bfloat16)
+    xs = torch.randn(10, 64, device=GPU, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="^token_idx"):
-        pk.moe_dispatch(xs, torch.full((2, 3), 10, device="cuda"))
+        pk.moe_dispatch(xs, torch.full((2, 3), 10, device=GPU))
 
 
 @pytest.mark.gpu
