@@ -70,6 +70,7 @@ class CompileOnly:
 
     def __init__(self, kernel, name: str, names: list, out: str):
         self.kernel, self.name, self.names, self.out = kernel, name, names, out
+        os.makedirs(out, exist_ok=True)
 
     @property
     def fn(self):  # the Python function (KernelSpec.arguments reads its signature)
@@ -78,7 +79,6 @@ class CompileOnly:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             key = specialisation(self.names, args, kwargs)
-            os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, f"{os.getpid()}.jsonl"), "a") as f:
                 f.write(json.dumps({"kernel": self.name, "key": key}) + "\n")
             first = next((a for a in args if hasattr(a, "device")), None)
@@ -94,15 +94,21 @@ def install(spec) -> None:
         object.__setattr__(spec, "fn", CompileOnly(spec.fn, spec.name, spec.arguments(), out))
 
 
-def count(path: str) -> dict:
-    """{kernel: (distinct specialisations, launches)} of every record under ``path``."""
-    keys, launches = collections.defaultdict(set), collections.Counter()
+def records(path: str):
+    """(kernel, key as JSON) of every launch recorded under ``path``."""
     for root, _, files in os.walk(path):
         for name in files:
             if name.endswith(".jsonl"):
                 with open(os.path.join(root, name)) as f:
                     for line in f:
                         rec = json.loads(line)
-                        keys[rec["kernel"]].add(json.dumps(rec["key"]))
-                        launches[rec["kernel"]] += 1
+                        yield rec["kernel"], json.dumps(rec["key"])
+
+
+def count(path: str) -> dict:
+    """{kernel: (distinct specialisations, launches)} of every record under ``path``."""
+    keys, launches = collections.defaultdict(set), collections.Counter()
+    for kernel, key in records(path):
+        keys[kernel].add(key)
+        launches[kernel] += 1
     return {k: (len(keys[k]), launches[k]) for k in sorted(keys)}

@@ -4,10 +4,9 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from ..autotune.compile_only import count
+from ..autotune.compile_only import count, records
 
 
 def main(argv=None) -> int:
@@ -23,11 +22,7 @@ def main(argv=None) -> int:
         print(f"{path}: {n} specialisations, {sum(l for _, l in counts.values())} launches")
         for kernel, (c, launches) in counts.items():
             print(f"  {kernel:28s} {c:4d} specialisations {launches:6d} launches")
-        for root, _, files in os.walk(path):
-            for name in files:
-                if name.endswith(".jsonl"):
-                    with open(os.path.join(root, name)) as f:
-                        total.update(line.strip() for line in f)
+        total.update(records(path))
     if len(argv) > 1:
         print(f"all: {len(total)} specialisations")
     return 0

@@ -27,6 +27,11 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def release(version: str) -> tuple:
+    """(major, minor) of a version string: ``"3.6.0+git1a2b"`` -> (3, 6)."""
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+
+
 def interpreter_problem() -> str | None:
     """Why this environment's Triton interpreter cannot run the kernels, or None.
 
@@ -35,8 +40,7 @@ def interpreter_problem() -> str | None:
     numpy 2.4): with Triton < 3.7 it needs numpy < 2.4."""
     import numpy
     import triton
-    version = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
-    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
         return (f"the Triton {triton.__version__} interpreter needs numpy < 2.4 (installed: numpy "
                 f"{numpy.__version__}): pip install 'numpy<2.4', or a newer Triton")
     return None
@@ -109,7 +113,12 @@ def pretend_gpu() -> tuple | None:
     return name, int(cc), int(sms)
 
 
-_PRETEND = (lambda p: None if p is None else (p[1], p[2], p[0]))(pretend_gpu())
+def _pretend_props() -> tuple | None:
+    gpu = pretend_gpu()
+    return None if gpu is None else (gpu[1], gpu[2], gpu[0])  # (cc, SMs, name), as _cuda_props
+
+
+_PRETEND = _pretend_props()
 
 
 @functools.lru_cache(maxsize=None)

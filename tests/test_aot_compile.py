@@ -34,7 +34,9 @@ KNOWN_STACKS = {
 
 def triton_version() -> tuple:
     import triton
-    return tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+
+    from posttrain_kernels.ops.backend import release
+    return release(triton.__version__)
 
 
 @pytest.mark.parametrize("cc", [90, 80], ids=["sm_90", "sm_80"])
