@@ -1,0 +1,87 @@
+"""Spec of the expert-LoRA GEMM (``kernels/moe_lora.py``): each expert's
+GEMM with its adapter fused in, forward and backward dX.
+
+Rank-blocked: ``BLOCK_R`` holds the whole rank of the fused shrink (R ≤ 64,
+the ``rank_cap``) and is the rank step of the expand otherwise. The space is
+the dense GEMM's, less the 128×256 tile (the fused shrink's extra
+accumulator and adapter tile spill there), pruned by the same shared-memory
+rule plus the adapter tile. The key's ``M`` is the rows per expert (packed
+rows / experts): what decides the row tile.
+"""
+from __future__ import annotations
+
+from ..kernels.moe_lora import _expert_lora_matmul_kernel
+from .config import ADAPTER_BYTES, Config, itemsize, smem_budget, table
+from .registry import AotVariant, KernelSpec, register
+
+RANK_CAP = 64  # widest rank the forward fuses into its main loop
+
+
+def space(dtype: str) -> list[Config]:
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+    if dtype == "float32":
+        return table(names, [(32, 32, 32, 8, 4, 2)])
+    return table(names, [
+        (128, 128, 64, 8, 8, 3),
+        (64, 128, 64, 8, 4, 3),
+        (64, 64, 64, 8, 4, 3),
+        (32, 64, 64, 8, 4, 3),  # few rows per expert (decode, many experts)
+    ])
+
+
+def smem(cfg: Config, dtype: str, block_r: int) -> int:
+    """Pipelined tiles: stages × (x, weight and adapter tiles of one K step)."""
+    return cfg.num_stages * cfg["BLOCK_K"] * ((cfg["BLOCK_M"] + cfg["BLOCK_N"]) * itemsize(dtype)
+                                              + block_r * ADAPTER_BYTES)
+
+
+def prune(cfgs, dtype: str, cc: int, block_r=None) -> list[Config]:
+    br = block_r or 16
+    return [c for c in cfgs if min(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) >= 16
+            and smem(c, dtype, br) <= smem_budget(cc)]
+
+
+def default(dtype: str, cc, dims: dict) -> Config:
+    """By the rows per expert; ``cc=None`` (the interpreter): small tiles, so
+    the tests' few rows per expert still span several tiles and K steps."""
+    if cc is None:
+        return Config.make(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=2, num_stages=1)
+    cfgs = space(dtype)
+    if dtype == "float32":
+        return cfgs[0]
+    by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c for c in cfgs}
+    M = dims["M"]
+    if M >= 256:
+        return by_tile[(128, 128)]
+    if M >= 64:
+        return by_tile[(64, 128)]
+    return by_tile[(32, 64)]
+
+
+_PTRS = {"x_ptr": "x", "w_ptr": "x", "bias_ptr": "x", "tile_e_ptr": "i32", "tile_row_ptr": "i32",
+         "ends_ptr": "i32", "sid_ptr": "i64", "a_ptr": "adapter", "t_ptr": "fp32", "b_ptr": "adapter",
+         "rank_ptr": "i32", "scale_ptr": "fp32", "y_ptr": "x", "seed_ptr": "i32", "thr_ptr": "i32",
+         "inv_ptr": "fp32"}
+_PLAIN = frozenset({"M", "E", "R_MAX", "SLOTS", "TILES", "stride_tm", "stride_as", "stride_bs", "stride_br",
+                    "stride_ar"})
+
+EXPERT_LORA_MATMUL = register(KernelSpec(
+    name="expert_lora_matmul", fn=_expert_lora_matmul_kernel, key=("N", "K", "R", "M"),
+    space=space, prune=prune, default=default, rank_blocked=True, rank_cap=RANK_CAP,
+    variants=(
+        # The layer's [E, in, out] weight: unit stride along N.
+        AotVariant("forward (y), shrink fused, bias on", pointers=_PTRS,
+                   flags={"HAS_BIAS": True, "FUSE_SHRINK": True, "HAS_DROPOUT": False},
+                   ones=frozenset({"stride_xk", "stride_wn", "stride_ak", "stride_tr", "stride_yn"}),
+                   plain=_PLAIN, adapter_fp32=True),
+        # dX = dY·W_eᵀ + s·(dY·B_e)·A_e: the same weight read transposed (unit stride along K).
+        AotVariant("backward (dX), dt fused", pointers=_PTRS,
+                   flags={"HAS_BIAS": False, "FUSE_SHRINK": True, "HAS_DROPOUT": False},
+                   ones=frozenset({"stride_xk", "stride_wk", "stride_tr", "stride_bn", "stride_yn"}),
+                   plain=_PLAIN),
+        # Dropout (dX) or a mixed batch (y): t read, every adapter run of the tile expanded.
+        AotVariant("backward (dX), runs expanded, dropout on", pointers=_PTRS,
+                   flags={"HAS_BIAS": False, "FUSE_SHRINK": False, "HAS_DROPOUT": True},
+                   ones=frozenset({"stride_xk", "stride_wk", "stride_tr", "stride_bn", "stride_yn"}),
+                   plain=_PLAIN),
+    )))

@@ -1,0 +1,144 @@
+"""LoRA on MoE experts: the expert GEMMs with each expert's adapter fused in.
+
+    y[j] = x[j]·W_e + s_e·(drop(x[j])·A_eᵀ)·B_eᵀ (+ bias_e),   e = the expert of packed row j
+
+Letters: M packed rows (the kept slots, grouped by expert: expert e owns rows
+ends[e-1]:ends[e]), K in-features, N out-features, E experts, R_MAX the
+widest rank, SLOTS the adapter ids (E for one adapter per expert; E·T with T
+tenants, id = e·T + tenant, for a mixed batch).
+
+One kernel, ``_expert_lora_matmul_kernel``, over a table of row tiles that
+never straddle two experts (built on the device from ``ends``, no host sync),
+so each program runs one expert's GEMM: W_e comes from the expert's own
+weight, and the low-rank term is either
+
+* fused (FUSE_SHRINK: one adapter per expert, no dropout, R_MAX ≤ BLOCK_R ≤ 64):
+  t = x·A_eᵀ is accumulated from the x tiles the main loop already loads
+  (no second pass over x), written once per row tile (the programs of the
+  first column block), and expanded into the same accumulator; or
+* read from ``t`` (computed by the multi-adapter shrink, ``kernels/multi_lora.py``)
+  and expanded run by run (``_expand``: every adapter id of the tile, rows
+  of other ids isolated by select), which covers dropout and mixed batches.
+
+The backward is the same kernel with operands transposed (dX = dY·W_eᵀ +
+s·(dY·B_e)·A_e, dt fused the same way) and the multi-adapter gradient kernel
+with the experts as slots (dA_e, dB_e over the expert's own rows, fixed
+order, no atomics; an expert without rows gets exact zeros).
+"""
+import triton
+import triton.language as tl
+
+from .common import column_quarters, grouped_pid, mma
+from .multi_lora import _expand
+
+
+@triton.jit
+def _expert_lora_matmul_kernel(
+    x_ptr,  # [M, K]  packed rows, grouped by expert (x forward, dY backward)
+    w_ptr,  # [E, ...]  frozen weights: element (e, k, n) at e·stride_we + k·stride_wk + n·stride_wn
+    bias_ptr,  # [E, N]  element (e, n) at e·stride_biase + n; read only when HAS_BIAS
+    tile_e_ptr,  # [TILES] int32  expert of each row tile, -1 = unused tile
+    tile_row_ptr,  # [TILES] int32  first packed row of each tile
+    ends_ptr,  # [E] int32  expert e's rows end at ends[e]
+    sid_ptr,  # [M] int64  adapter id of each row (SLOTS = none); read only without FUSE_SHRINK
+    a_ptr,  # adapters' down projections, element (id, r, k) at id·stride_as + r·stride_ar + k·stride_ak;
+    #         read only when FUSE_SHRINK (A forward, Bᵀ backward)
+    t_ptr,  # [M, R_MAX] fp32  low-rank activations: written when FUSE_SHRINK (unscaled), read otherwise
+    b_ptr,  # adapters' up projections, element (id, n, r) at id·stride_bs + n·stride_bn + r·stride_br
+    #         (B forward, Aᵀ backward)
+    rank_ptr,  # [SLOTS] int32  rank of each adapter id
+    scale_ptr,  # [SLOTS] fp32  scale of each adapter id
+    y_ptr,  # [M, N]  output (rows past ends[E-1] are not written)
+    seed_ptr,  # [1] int32  dropout seed, read only when HAS_DROPOUT (backward dX)
+    thr_ptr,  # [SLOTS] int32  dropout thresholds, read only when HAS_DROPOUT
+    inv_ptr,  # [SLOTS] fp32  1 / (1 - p), read only when HAS_DROPOUT
+    M, N, K, E, R_MAX, SLOTS, TILES,
+    stride_xm, stride_xk,
+    stride_we, stride_wk, stride_wn,
+    stride_biase,
+    stride_as, stride_ar, stride_ak,
+    stride_tm, stride_tr,
+    stride_bs, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Grid: (TILES · cdiv(N, BLOCK_N),), in grouped order. Row tile i holds
+    rows tile_row[i] … min(tile_row[i] + BLOCK_M, ends[e]) of expert
+    e = tile_e[i]; unused tiles (e = -1) do nothing. Every output element is
+    written by one program, once.
+
+    Loads need no row mask: rows past the expert's end (the next expert's,
+    clamped to M - 1) are read, used in no stored row and never written, so
+    a NaN in another expert's rows or adapter reaches none of this expert's
+    outputs. An expert index or a row outside its tensor (a corrupt table)
+    is clamped, so no value makes the kernel touch memory outside its
+    tensors."""
+    # ---- program ids -> (row tile of one expert, column block)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), TILES * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    e = tl.load(tile_e_ptr + pid_m)
+    if e >= 0:
+        e = tl.minimum(e, E - 1)
+        row0 = tl.load(tile_row_ptr + pid_m)
+        end = tl.minimum(tl.load(ends_ptr + e), M)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = (offs_m < end) & (offs_m >= 0)
+        rows = tl.minimum(tl.maximum(offs_m, 0), M - 1).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (offs_n % N).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        dtype: tl.constexpr = x_ptr.dtype.element_ty
+
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+        if FUSE_SHRINK:
+            r_e = tl.minimum(tl.maximum(tl.load(rank_ptr + e), 0), R_MAX)
+            mask_r = offs_r < r_e
+            a_ptrs = a_ptr + e.to(tl.int64) * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+
+        # ---- main loop: the expert's GEMM (and the shrink from the same x tiles)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = (k0 + offs_k) < K
+            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+            acc = mma(x, w.to(dtype), acc)
+            if FUSE_SHRINK:
+                a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                t = mma(x, a.to(dtype), t)
+                a_ptrs += BLOCK_K * stride_ak
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+
+        # ---- low-rank term, bias, store
+        if FUSE_SHRINK:
+            if pid_n == 0:  # one column block writes t for the backward
+                tl.store(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr, t,
+                         mask=mask_m[:, None] & mask_r[None, :])
+            u = tl.load(b_ptr + e.to(tl.int64) * stride_bs + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
+                        mask=mask_r[:, None], other=0.0)
+            acc = mma((t * tl.load(scale_ptr + e)).to(dtype), u.to(dtype), acc)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + e.to(tl.int64) * stride_biase + cols).to(tl.float32)[None, :]
+            tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & (offs_n < N)[None, :])
+        else:
+            # Every adapter run of the tile, a column quarter at a time: the
+            # run's isolated term needs a quarter tile of registers (a whole
+            # one spills).
+            sid = tl.load(sid_ptr + rows, mask=mask_m, other=-1)
+            valid = mask_m & (sid >= 0) & (sid < SLOTS)
+            QUARTER: tl.constexpr = BLOCK_N // 4
+            parts = column_quarters(acc, BLOCK_M, BLOCK_N)
+            for q in tl.static_range(4):
+                offs_q = pid_n * BLOCK_N + q * QUARTER + tl.arange(0, QUARTER)
+                out = _expand(parts[q], rows, rows, sid, valid, offs_q, t_ptr, b_ptr, rank_ptr, scale_ptr, rank_ptr,
+                              seed_ptr, thr_ptr, inv_ptr, N, R_MAX, SLOTS, stride_tm, stride_tr, stride_bs, 0,
+                              stride_bn, stride_br, dtype, False, HAS_DROPOUT, 1, BLOCK_R)
+                if HAS_BIAS:
+                    out += tl.load(bias_ptr + e.to(tl.int64) * stride_biase + offs_q % N).to(tl.float32)[None, :]
+                tl.store(y_ptr + rows[:, None] * stride_ym + offs_q[None, :] * stride_yn,
+                         out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_q < N)[None, :])
