@@ -2,7 +2,8 @@
 (127.0.0.1), each holding E / world experts, against the single-process layer
 on the concatenated batch (computed in every worker from the same seeds).
 
-For both routers, with and without capacity drops, both exchanges, and an
+For both routers, with and without capacity drops, both exchanges, LoRA on
+the experts (adapters sharded with them), and an
 upcycled GPT-2 / Llama MLP: the slot tables (choices, drops, gates) are
 bitwise the single-process layer's; outputs and input gradients equal within
 fp32 rounding (the combine sums in the same order; the expert GEMMs batch
@@ -19,6 +20,15 @@ from helpers import free_port, gloo_group
 
 import posttrain_kernels as pk
 
+def _with_lora(layer):
+    """LoRA on every expert projection (random B, a rank pattern): the adapters live with their experts."""
+    layer.add_expert_lora(4, 8, rank_pattern={1: 2})
+    with torch.no_grad():
+        for adapter in layer.experts.lora.values():
+            adapter.lora_B.normal_()
+    return layer
+
+
 CASES = [  # (name, layer factory, exchange, grad_reduction)
     ("expert-choice", lambda: pk.ExpertChoiceMoE(12, 20, 4, capacity_factor=2.0), "exact", "mean"),
     ("expert-choice-static", lambda: pk.ExpertChoiceMoE(12, 20, 4, capacity_factor=1.0), "static", "mean"),
@@ -27,6 +37,9 @@ CASES = [  # (name, layer factory, exchange, grad_reduction)
     ("top1-drops-static", lambda: pk.TopKMoE(12, 20, 4, top_k=1, capacity_factor=0.5, gated=False,
                                              activation="gelu", bias=True), "static", "sum"),
     ("top2-groups", lambda: pk.TopKMoE(12, 20, 4, top_k=2, capacity_factor=1.0, group_size=2), "exact", "mean"),
+    ("top2-expert-lora", lambda: _with_lora(pk.TopKMoE(12, 20, 4, top_k=2, capacity_factor=0.75)), "exact", "mean"),
+    ("expert-choice-expert-lora", lambda: _with_lora(pk.ExpertChoiceMoE(12, 20, 4, capacity_factor=1.0, bias=True)),
+     "static", "sum"),
 ]
 
 

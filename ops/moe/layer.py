@@ -16,9 +16,10 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..common import autocast_dtype, check
+from ..common import MAX_RANK, autocast_dtype, check, check_rate, is_fp32_number, lora_scale
 from . import grouped
 from .function import moe_combine, moe_dispatch
+from .lora import expert_lora_linear
 from .routing import (DROP_ORDERS, SCORINGS, capacity_from_factor, expert_choice_route, load_balancing_loss,
                       router_z_loss, select_experts, topk_route)
 
@@ -54,6 +55,42 @@ class ClampedSwiGLU(nn.Module):
         return f"alpha={self.alpha}, limit={self.limit}"
 
 
+EXPERT_LORA_TARGETS = ("gate_up", "down")
+
+
+class ExpertLoRA(nn.Module):
+    """One projection's adapters, one per expert: ``lora_A [E, r, in]``,
+    ``lora_B [E, out, r]`` (PEFT's ``target_parameters`` adapter, unflattened),
+    per-expert ``ranks`` (≤ r; a rank pattern) and ``scales`` (α_e / r_e, or
+    α_e / √r_e with rsLoRA), LoRA dropout ``p`` on the projection's input.
+    Initialised as PEFT does: A Kaiming-uniform, B zeros (the layer's output
+    is unchanged until training moves B)."""
+
+    def __init__(self, num_experts: int, d_in: int, d_out: int, r: int, ranks, scales, dropout: float,
+                 device=None, dtype=None):
+        super().__init__()
+        self.r, self.dropout = r, dropout
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, d_in, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, r, device=device, dtype=dtype))
+        with torch.no_grad():
+            for e in range(num_experts):  # nn.Linear's (and PEFT's) init of each expert's A
+                nn.init.kaiming_uniform_(self.lora_A[e], a=math.sqrt(5))
+        self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=device))
+
+    def delta(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """The merged weight update ``[E, in, out]`` in fp32, of output columns lo:hi:
+        ``s_e · A_e[:r_e]ᵀ · B_e[lo:hi, :r_e]ᵀ``."""
+        keep = (torch.arange(self.r, device=self.ranks.device)[None, :] < self.ranks[:, None]).float()
+        a = self.lora_A.float() * keep[:, :, None]
+        b = self.lora_B[:, lo:hi].float()
+        return torch.einsum("erk,enr->ekn", a, b) * self.scales[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"experts={self.lora_A.shape[0]}, r={self.r}, in={self.lora_A.shape[2]}, " \
+               f"out={self.lora_B.shape[1]}, dropout={self.dropout}"
+
+
 class Experts(nn.Module):
     """E expert MLPs stored stacked, run as batched GEMMs over ``[E, C, d]``.
 
@@ -84,6 +121,7 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(E, 1, d_model, **kw)) if bias else None
         self.act = _activation(activation)
         self.dropout = nn.Dropout(dropout)
+        self.lora = nn.ModuleDict()  # target name -> ExpertLoRA (add_lora)
         with torch.no_grad():
             for p in ([self.w_gate, self.w_up] if gated else [self.w1]) + [self.w2]:
                 nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
@@ -96,6 +134,8 @@ class Experts(nn.Module):
         """``h [E, C, d]`` → ``[E, C, d]`` (batched GEMMs over every slot),
         or, with ``offs``, ``h [M, d]`` packed by expert (``grouped.py``) →
         ``[M, d]`` as grouped GEMMs over the kept rows only."""
+        if self._lora_active():
+            return self._forward_lora(h, offs)
         if offs is None:
             mm = self._mm
         else:
@@ -109,6 +149,109 @@ class Experts(nn.Module):
         if self.dropout_position == "hidden":
             return mm(self.dropout(a), self.w2, self.b2)
         return self.dropout(mm(a, self.w2, self.b2))
+
+    # ---- LoRA on the experts
+    lora_merged: bool = False
+    lora_enabled: bool = True
+    backend: Optional[str] = None  # of the expert-LoRA op; the MoE layer sets its own before each call
+
+    def projections(self) -> dict:
+        """target name -> (weights, biases) of the projection, weights ``[E, in, out]``."""
+        first = ([self.w_gate, self.w_up], [self.b_gate, self.b_up]) if self.gated else ([self.w1], [self.b1])
+        return {"gate_up": first, "down": ([self.w2], [self.b2])}
+
+    def _lora_active(self) -> bool:
+        return len(self.lora) > 0 and not self.lora_merged and self.lora_enabled
+
+    def _forward_lora(self, h: torch.Tensor, offs: Optional[torch.Tensor]) -> torch.Tensor:
+        """The experts with LoRA on their projections: each adapted projection
+        one ``expert_lora_linear`` over packed rows (the padded layout
+        [E, C, d] as E runs of C rows), the others as without LoRA."""
+        if offs is None:
+            E, C = h.shape[0], h.shape[1]
+            ends = torch.arange(1, E + 1, device=h.device, dtype=torch.int32) * C
+            mm = self._mm
+        else:
+            ends = offs
+            rows = grouped.row_experts(offs, h.shape[0]) if self.b2 is not None else None
+            mm = lambda a, w, b: grouped.grouped_linear(a, w, offs, b, rows)  # noqa: E731
+
+        def proj(x, name, index):
+            ws, bs = self.projections()[name]
+            w, b = ws[index], bs[index]
+            if name not in self.lora:
+                return mm(x, w, b)
+            ad = self.lora[name]
+            width = w.shape[2]
+            lora_b = ad.lora_B[:, index * width:(index + 1) * width]
+            p = ad.dropout if self.training else 0.0
+            y = expert_lora_linear(x.reshape(-1, x.shape[-1]), w, ends, ad.lora_A, lora_b, ad.scales, b, p,
+                                   ranks=ad.ranks, backend=self.backend)
+            return y.reshape(*x.shape[:-1], width)
+
+        if self.gated:
+            gate, up = proj(h, "gate_up", 0), proj(h, "gate_up", 1)
+            a = self.act(gate, up) if getattr(self.act, "takes_gate_and_up", False) else self.act(gate) * up
+        else:
+            a = self.act(proj(h, "gate_up", 0))
+        if self.dropout_position == "hidden":
+            return proj(self.dropout(a), "down", 0)
+        return self.dropout(proj(a, "down", 0))
+
+    def add_lora(self, r: int, alpha: float, targets=EXPERT_LORA_TARGETS, dropout: float = 0.0,
+                 rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                 use_rslora: bool = False) -> None:
+        """See ``_MoEBase.add_expert_lora``."""
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        check(len(targets) > 0 and all(t in EXPERT_LORA_TARGETS for t in targets), "targets",
+              f"expected a subset of {EXPERT_LORA_TARGETS}, got {targets!r}")
+        check(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_RANK, "r",
+              f"expected an int in [1, {MAX_RANK}], got {r!r}")
+        check(is_fp32_number(alpha), "alpha", f"expected a finite number, got {alpha!r}")
+        check_rate(dropout, "dropout")
+        check(not self.lora_merged, "targets", "unmerge the adapters before adding new ones")
+        E = self.w2.shape[0]
+        ranks, alphas = [r] * E, [float(alpha)] * E
+        for pattern, values, name, ok in ((rank_pattern, ranks, "rank_pattern",
+                                           lambda v: isinstance(v, int) and 0 <= v <= MAX_RANK),
+                                          (alpha_pattern, alphas, "alpha_pattern", is_fp32_number)):
+            for e, v in (pattern or {}).items():
+                check(isinstance(e, int) and 0 <= e < E, name, f"expected expert indices in [0, {E}), got {e!r}")
+                check(ok(v), name, f"expert {e}: bad value {v!r}")
+                values[e] = v
+        r_max = max(max(ranks), 1)
+        scales = [lora_scale(a, k, use_rslora) if k > 0 else 0.0 for a, k in zip(alphas, ranks)]
+        for name in targets:
+            ws, _ = self.projections()[name]
+            d_in, d_out = ws[0].shape[1], sum(w.shape[2] for w in ws)
+            self.lora[name] = ExpertLoRA(E, d_in, d_out, r_max, ranks, scales, dropout, ws[0].device, ws[0].dtype)
+        for p in self.parameters(recurse=False):  # the experts are frozen, as PEFT freezes the base model
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """W_e += ΔW_e for every adapted projection (zero-latency inference); ``unmerge_lora`` undoes it."""
+        check(len(self.lora) > 0, "lora", "no adapters on these experts")
+        if self.lora_merged:
+            return
+        self._apply_delta(+1.0)
+        self.lora_merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        if not self.lora_merged:
+            return
+        self._apply_delta(-1.0)
+        self.lora_merged = False
+
+    def _apply_delta(self, sign: float) -> None:
+        for name, ad in self.lora.items():
+            ws, _ = self.projections()[name]
+            lo = 0
+            for w in ws:
+                hi = lo + w.shape[2]
+                w.add_((sign * ad.delta(lo, hi)).to(w.dtype))
+                lo = hi
 
 
 class SharedExpert(nn.Module):
@@ -187,6 +330,34 @@ class _MoEBase(nn.Module):
         if self.fixed_capacity is not None:
             return self.fixed_capacity
         return capacity_from_factor(n_group, self.num_experts, self.capacity_factor, k, self.capacity_multiple)
+
+    def add_expert_lora(self, r: int, alpha: float, targets=EXPERT_LORA_TARGETS, dropout: float = 0.0,
+                        rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
+                        use_rslora: bool = False) -> "_MoEBase":
+        """LoRA on every routed expert, fused into the expert GEMMs
+        (``expert_lora_linear``): for each target, one adapter per expert,
+        ``lora_A [E, r, in]`` and ``lora_B [E, out, r]`` (PEFT's
+        ``target_parameters`` adapter of the fused 3-D expert parameter).
+        ``targets``: ``"gate_up"`` (the first projection: gate and up
+        together, one A shared by both and B over their concatenated outputs,
+        as PEFT's adapter of ``gate_up_proj``; fc1 of plain experts) and/or
+        ``"down"``. ``rank_pattern`` / ``alpha_pattern``: ``{expert: value}``
+        (rank 0 switches an expert's adapter off). ``dropout``: LoRA dropout
+        on each projection's input, regenerated from a seed in the backward.
+        The experts' weights and biases are frozen (PEFT's convention); the
+        router and shared experts are left as they are. Returns the layer.
+        On sharded experts (``shard_experts``) the expert indices are this
+        rank's local ones; add adapters before sharding to use global ones."""
+        self.experts.add_lora(r, alpha, targets, dropout, rank_pattern, alpha_pattern, use_rslora)
+        return self
+
+    def merge_expert_lora(self) -> None:
+        """Fold the expert adapters into the expert weights (``W_e += s_e·A_eᵀB_eᵀ``);
+        the forward then runs the frozen GEMMs alone. ``unmerge_expert_lora`` undoes it."""
+        self.experts.merge_lora()
+
+    def unmerge_expert_lora(self) -> None:
+        self.experts.unmerge_lora()
 
     def shard_experts(self, group=None, exchange: str = "exact", grad_reduction: str = "mean") -> "_MoEBase":
         """Expert parallelism: keep this rank's ``num_experts // world``
@@ -268,6 +439,7 @@ class _MoEBase(nn.Module):
         return moe_combine(out, token_idx, gates, n, backend=self.backend)
 
     def _expert_outputs(self, h, offs=None):
+        self.experts.backend = self.backend
         out = self.experts(h, offs)
         if self.token_dropout:  # NLLB-MoE: dropout on each expert output, its expectation in eval
             out = (nn.functional.dropout(out, self.token_dropout) if self.training

@@ -86,8 +86,19 @@ def shard_experts(layer: nn.Module, group=None, exchange: str = "exact", grad_re
     for name, p in list(experts.named_parameters(recurse=False)):
         kept = nn.Parameter(p.detach()[shard.first:shard.first + local].clone(), requires_grad=p.requires_grad)
         setattr(experts, name, kept)
-        if grad_reduction == "mean":  # each expert's gradient sums every rank's loss: divide, as DDP averages
+        # each expert's gradient sums every rank's loss: divide, as DDP averages (frozen experts: no gradient)
+        if grad_reduction == "mean" and kept.requires_grad:
             kept.register_hook(lambda g, w=world: g / w)
+    for adapter in experts.lora.values():  # the adapters live with their experts
+        for name, t in list(adapter.named_parameters(recurse=False)) + list(adapter.named_buffers(recurse=False)):
+            kept = t.detach()[shard.first:shard.first + local].clone()
+            if isinstance(t, nn.Parameter):
+                kept = nn.Parameter(kept, requires_grad=t.requires_grad)
+                if grad_reduction == "mean" and kept.requires_grad:
+                    kept.register_hook(lambda g, w=world: g / w)
+                setattr(adapter, name, kept)
+            else:
+                adapter.register_buffer(name, kept)
     layer.router.weight.register_hook(lambda g: _all_reduce(g, shard))
     layer.expert_shard = shard
 
