@@ -14,6 +14,14 @@ own), extra forward arguments. Layers PEFT builds on other bases
 (quantized Linear, Embedding, Conv2d) are not patched at all. At patch time
 one warning per reason names the layers that fall back.
 
+LoRA on MoE experts (``LoraConfig(target_parameters=[...])``): PEFT wraps a
+transformers fused-experts module (``gate_up_proj`` / ``down_proj`` 3-D
+parameters) in one ``ParamWrapper`` per targeted parameter, nested. The
+outermost wrapper gets a forward that runs the module through the
+expert-LoRA op (``ops/moe/hf_experts.py``) with every wrapper's factors,
+instead of PEFT's per-forward delta of the whole expert stack; the inner
+wrappers are left as they are (their forward only runs on a fallback).
+
 No Triton here: the forward calls the functional API.
 """
 from __future__ import annotations
@@ -26,6 +34,8 @@ from torch import nn
 
 from ..common import is_conv1d, weight_out_in
 from ..lora.function import lora_linear
+from ..moe import hf_experts
+from ..moe.lora import peft_expert_factors
 from ..multi_lora.function import multi_lora_linear
 
 _PATCHED = "_posttrain_patched"
@@ -134,6 +144,78 @@ def _mixed_batch(layer, x, adapter_names, weight, bias, original):
     return multi_lora_linear(x, weight, A, B, ranks, scales, per_token, bias)
 
 
+# ---------------------------------------------------------------- ParamWrapper (LoRA on MoE experts)
+def _param_wrapper_class():
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # a peft without target_parameters
+        return None
+    return ParamWrapper
+
+
+def _wrapper_chain(outer) -> list:
+    """The nested ParamWrappers from ``outer`` inwards."""
+    cls = _param_wrapper_class()
+    chain, m = [], outer
+    while isinstance(m, cls):
+        chain.append(m)
+        m = m.base_layer
+    return chain
+
+
+def _experts_static_reason(outer) -> Optional[str]:
+    """Why a ParamWrapper stack cannot take the fused forward at all, or None."""
+    base = outer.get_base_layer()
+    why = hf_experts.unsupported(base)
+    if why is not None:
+        return why
+    names = set(hf_experts.projection_names(base))
+    for w in _wrapper_chain(outer):
+        if w.parameter_name not in names:
+            return f"a ParamWrapper of {w.parameter_name!r}, not an expert projection"
+    return None
+
+
+def _experts_call_reason(chain, kwargs) -> Optional[str]:
+    """Why this call must take PEFT's forward, or None."""
+    if kwargs.get("adapter_names") is not None:
+        return "a mixed batch"
+    for w in chain:
+        if w.disable_adapters or w.merged or w.lora_variant or any(w.lora_bias.values()):
+            return "disabled, merged or a variant"
+        if w.get_param().requires_grad:
+            return "a trainable base weight"
+        if len(_active(w)) > 1:
+            return "several active adapters summed"
+    return None
+
+
+class _ExpertsForward:
+    """The patched forward of the outermost ParamWrapper of a fused-experts
+    module (a callable object, as ``_Forward``, so the model pickles)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        outer = self.layer
+        original = type(outer).forward
+        chain = _wrapper_chain(outer)
+        if len(args) != 2 or _experts_call_reason(chain, kwargs) is not None \
+                or _experts_static_reason(outer) is not None:
+            return original(outer, hidden_states, *args, **kwargs)
+        base = outer.get_base_layer()
+        adapters = {}
+        for w in chain:
+            active = _active(w)
+            if active:
+                name = active[0]
+                a, b = peft_expert_factors(w.lora_A[name].weight, w.lora_B[name].weight, w.num_experts)
+                adapters[w.parameter_name] = (a, b, float(w.scaling[name]))
+        top_k_index, top_k_weights = args
+        return hf_experts.experts_forward(base, hidden_states, top_k_index, top_k_weights, adapters)
+
+
 def patch_peft(model: nn.Module) -> nn.Module:
     """Run the PEFT LoRA layers of ``model`` (a ``PeftModel``, or any model
     with PEFT LoRA layers injected) through the fused kernels; returns
@@ -142,9 +224,22 @@ def patch_peft(model: nn.Module) -> nn.Module:
     the layers that fall back now. ``unpatch_peft`` restores PEFT's forward."""
     linear_cls = _lora_linear_class()
     from peft.tuners.lora.layer import LoraLayer
+    wrapper_cls = _param_wrapper_class()
     fallbacks: dict[str, list[str]] = {}
+    inner = {id(m.base_layer) for m in model.modules() if wrapper_cls is not None and isinstance(m, wrapper_cls)}
     for name, m in model.named_modules():
         if not isinstance(m, LoraLayer):
+            continue
+        if wrapper_cls is not None and isinstance(m, wrapper_cls):
+            if id(m) in inner:  # a nested wrapper: its outermost one runs the whole experts module
+                continue
+            reason = _experts_static_reason(m)
+            if reason is not None:
+                fallbacks.setdefault(reason, []).append(name)
+                continue
+            if not getattr(m, _PATCHED, False):
+                m.forward = _ExpertsForward(m)
+                setattr(m, _PATCHED, True)
             continue
         if type(m) is not linear_cls or _base_weight(m) is None:
             fallbacks.setdefault(f"its base layer is a {type(m.get_base_layer()).__name__} (or the LoRA layer a "

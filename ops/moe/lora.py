@@ -26,14 +26,14 @@ WEIGHT_LAYOUTS = ("in_out", "out_in")
 
 
 # ---------------------------------------------------------------- ops
-def fwd_impl(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
+def expert_lora_fwd_impl(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
              bias: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """(y [M, N], t [M, R] fp32); weight read as [E, K, N]."""
     impl = expert_lora_fwd_triton if use_triton(x.device, backend) else expert_lora_fwd_ref
     return impl(x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p, seed)
 
 
-def bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
+def expert_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
              scales: Tensor, t: Tensor, dropout_p: float, seed: Optional[Tensor], needs_dx: bool, needs_dbias: bool,
              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx or empty, dA [E, R, K], dB [E, N, R], dbias [E, N] or empty), gradients in fp32."""
@@ -41,8 +41,8 @@ def bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor
     return impl(dy, x, weight, ends, lora_a, lora_b, ranks, scales, t, dropout_p, seed, needs_dx, needs_dbias)
 
 
-expert_lora_fwd = torch.library.custom_op("posttrain_kernels::expert_lora_fwd", mutates_args=())(fwd_impl)
-expert_lora_bwd = torch.library.custom_op("posttrain_kernels::expert_lora_bwd", mutates_args=())(bwd_impl)
+expert_lora_fwd = torch.library.custom_op("posttrain_kernels::expert_lora_fwd", mutates_args=())(expert_lora_fwd_impl)
+expert_lora_bwd = torch.library.custom_op("posttrain_kernels::expert_lora_bwd", mutates_args=())(expert_lora_bwd_impl)
 
 
 @expert_lora_fwd.register_fake
@@ -69,7 +69,7 @@ class ExpertLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p, seed, backend):
-        y, t = call_op(expert_lora_fwd, fwd_impl, x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p,
+        y, t = call_op(expert_lora_fwd, expert_lora_fwd_impl, x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p,
                        seed, backend)
         ctx.save_for_backward(x, weight, ends, lora_a, lora_b, ranks, scales, t, seed)
         ctx.dropout_p, ctx.backend = dropout_p, backend
@@ -80,7 +80,7 @@ class ExpertLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, ends, lora_a, lora_b, ranks, scales, t, seed = ctx.saved_tensors
         needs_dx, needs_dw, needs_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
-        dx, da, db, dbias = call_op(expert_lora_bwd, bwd_impl, dy, x, weight, ends, lora_a, lora_b, ranks, scales, t,
+        dx, da, db, dbias = call_op(expert_lora_bwd, expert_lora_bwd_impl, dy, x, weight, ends, lora_a, lora_b, ranks, scales, t,
                                     ctx.dropout_p, seed, needs_dx, needs_dbias, ctx.backend)
         dw = _weight_grad(x, dy, ends, weight) if needs_dw else None
         return (dx if needs_dx else None, dw, None, da.to(lora_a.dtype), db.to(lora_b.dtype), None, None,
