@@ -1,6 +1,6 @@
 """``posttrain-kernels``: the benchmark / self-check and tuning command.
 
-    posttrain-kernels bench [lora|multi-lora|moe|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
+    posttrain-kernels bench [lora|multi-lora|moe|moe-lora|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
                             [--json F] [--csv F] [--md F] [--plot F.png]
     posttrain-kernels tune [--preset llama-3-8b] [--shape K,N] [--tokens 8192] [--rank 16] [--output F]
 
@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-BENCHES = ("lora", "multi-lora", "moe")
+BENCHES = ("lora", "multi-lora", "moe", "moe-lora")
 # Relative error (norm-wise, fwd and every gradient) allowed per dtype.
 TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
 
@@ -130,6 +130,10 @@ def main(argv=None) -> int:
             from . import moe
             results += moe.run_dc(_shapes(smoke, args.quick, moe.SMOKE_DC, moe.GPU_DC), timer, peaks)
             results += moe.run_layer(_shapes(smoke, args.quick, moe.SMOKE_LAYER, moe.GPU_LAYER), timer, peaks)
+        if which == "moe-lora":
+            from . import moe_lora
+            results += moe_lora.run(_shapes(smoke, args.quick, moe_lora.SMOKE_SHAPES, moe_lora.GPU_SHAPES), timer,
+                                    peaks)
         write_outputs()
     print(table())
     if args.plot:

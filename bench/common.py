@@ -32,6 +32,7 @@ class Result:
     roofline_pct: float | None = None  # floor (measured peaks) / median, in %
     tokens_per_s: float | None = None  # serving benchmarks
     checks: str | None = None  # what rel_err covers ("forward", "forward and every gradient")
+    peak_mb: float | None = None  # allocation high-water mark of one call above what was allocated before (CUDA)
 
     def __post_init__(self):
         if ROWS_TO is not None:  # --rows: every row on disk the moment it exists (a killed run keeps them)
@@ -118,15 +119,17 @@ def markdown(results: list[Result]) -> str:
                 lines.append(f"| {r.provider} | {r.ms:.4f} | {r.p20_ms:.4f}–{r.p80_ms:.4f} | {r.tokens_per_s:,.0f} | "
                              f"{ratios} |")
             continue
+        mem = any(r.peak_mb is not None for r in rows)
         lines.append("| provider | median ms | p20–p80 ms | TFLOP/s | GB/s (min bytes) | % of roofline | "
-                     + " | ".join(f"time / {b}" for b in cols) + " | rel. err |")
-        lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|")
+                     + " | ".join(f"time / {b}" for b in cols) + " | rel. err |" + (" peak MB |" if mem else ""))
+        lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols) + "---:|" + ("---:|" if mem else ""))
         for r in rows:
             ratios = " | ".join(f"{r.vs[b]:.3f}x" if b in r.vs else "1.000x" for b in cols)
             err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
             roof = f"{r.roofline_pct:.0f} %" if r.roofline_pct is not None else "n/a"
+            peak = (f" {r.peak_mb:.0f} |" if r.peak_mb is not None else " |") if mem else ""
             lines.append(f"| {r.provider} | {r.ms:.4f} | {r.p20_ms:.4f}–{r.p80_ms:.4f} | {r.tflops:.1f} | "
-                         f"{r.gbps:.0f} | {roof} | {ratios} | {err} |")
+                         f"{r.gbps:.0f} | {roof} | {ratios} | {err} |{peak}")
     return "\n".join(lines)
 
 

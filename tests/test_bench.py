@@ -106,3 +106,16 @@ def test_cli_smoke_run_shows_checks_not_timings(capsys):
         assert fake not in out, f"smoke output shows {fake!r}"
     closing = out.strip().splitlines()[-1]
     assert closing.startswith("self-check passed (moe)") and "lora" not in closing
+
+
+def test_moe_lora_smoke(device):
+    """The expert-LoRA benchmark's providers all run (PEFT's ParamWrapper path among them); ours is
+    checked against the eager loop; the peak-memory column shows when measured (CUDA)."""
+    pytest.importorskip("peft")
+    from posttrain_kernels.bench import moe_lora
+    rows = moe_lora.run(moe_lora.SMOKE_SHAPES, common.Timer(device, cpu_reps=1))
+    assert {r.provider for r in rows} == {"ours", "floor", "frozen", "eager", "peft", "peft+patch"}
+    ours = [r for r in rows if r.rel_err is not None]
+    assert [r.provider for r in ours] == ["ours"] and ours[0].rel_err < 1e-5
+    rows[0].peak_mb = 12.0
+    assert "peak MB" in common.markdown(rows)
