@@ -20,12 +20,12 @@ RANK_CAP = 64  # widest rank the forward fuses into its main loop
 def space(dtype: str) -> list[Config]:
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
     if dtype == "float32":
-        return table(names, [(32, 32, 32, 8, 4, 2)])
+        return table(names, [(32, 32, 16, 8, 4, 2)])
     return table(names, [
         (128, 128, 64, 8, 8, 3),
-        (64, 128, 64, 8, 4, 3),
+        (64, 128, 64, 8, 8, 3),
         (64, 64, 64, 8, 4, 3),
-        (32, 64, 64, 8, 4, 3),  # few rows per expert (decode, many experts)
+        (32, 64, 64, 8, 4, 4),  # few rows per expert (decode, many experts)
     ])
 
 
@@ -79,7 +79,12 @@ EXPERT_LORA_MATMUL = register(KernelSpec(
                    flags={"HAS_BIAS": False, "FUSE_SHRINK": True, "HAS_DROPOUT": False},
                    ones=frozenset({"stride_xk", "stride_wk", "stride_tr", "stride_bn", "stride_yn"}),
                    plain=_PLAIN),
-        # Dropout (dX) or a mixed batch (y): t read, every adapter run of the tile expanded.
+        # A mixed batch (y, serving): t from the multi-adapter shrink, every adapter run of the tile expanded.
+        AotVariant("forward (y), mixed batch, runs expanded, bias on", pointers=_PTRS,
+                   flags={"HAS_BIAS": True, "FUSE_SHRINK": False, "HAS_DROPOUT": False},
+                   ones=frozenset({"stride_xk", "stride_wn", "stride_tr", "stride_br", "stride_yn"}),
+                   plain=_PLAIN),
+        # Dropout (dX): the same, each run's term masked by the forward's keep mask.
         AotVariant("backward (dX), runs expanded, dropout on", pointers=_PTRS,
                    flags={"HAS_BIAS": False, "FUSE_SHRINK": False, "HAS_DROPOUT": True},
                    ones=frozenset({"stride_xk", "stride_wk", "stride_tr", "stride_bn", "stride_yn"}),

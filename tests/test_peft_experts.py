@@ -128,3 +128,29 @@ def test_adapter_files_round_trip(tmp_path):
     pk.patch_peft(fresh)
     with torch.no_grad():
         torch.testing.assert_close(fresh(_ids()).logits, y, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_adapter_batch():
+    """PEFT's ``adapter_names`` (one adapter per sequence, ``"__base__"`` for none) over LoRA'd experts:
+    PEFT itself refuses it on ParamWrapper layers; patched, each sequence equals that adapter alone."""
+    model = _peft_model("qwen3_moe")
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=3, target_parameters=BOTH, target_modules=[],
+                                               init_lora_weights=False))
+    model.eval()
+    ids = torch.randint(0, 16, (3, 7), generator=torch.Generator().manual_seed(2))
+    names = ["other", "__base__", "default"]
+    want = []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with model.disable_adapter():
+                    want.append(model(ids[i:i + 1]).logits)
+            else:
+                model.set_adapter(n)
+                want.append(model(ids[i:i + 1]).logits)
+        model.set_adapter("default")
+        pk.patch_peft(model)
+        calls = OP_CALLS["expert_lora_mixed_impl"]
+        got = model(ids, adapter_names=names).logits
+    assert OP_CALLS["expert_lora_mixed_impl"] == calls + 2
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)

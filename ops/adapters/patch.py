@@ -178,16 +178,45 @@ def _experts_static_reason(outer) -> Optional[str]:
 
 def _experts_call_reason(chain, kwargs) -> Optional[str]:
     """Why this call must take PEFT's forward, or None."""
-    if kwargs.get("adapter_names") is not None:
-        return "a mixed batch"
+    if set(kwargs) - {"adapter_names"}:
+        return "extra forward arguments"
     for w in chain:
         if w.disable_adapters or w.merged or w.lora_variant or any(w.lora_bias.values()):
             return "disabled, merged or a variant"
         if w.get_param().requires_grad:
             return "a trainable base weight"
-        if len(_active(w)) > 1:
+        if len(_active(w)) > 1 and kwargs.get("adapter_names") is None:
             return "several active adapters summed"
     return None
+
+
+def _mixed_expert_stacks(chain, names: list[str], device) -> dict:
+    """Each wrapper's adapters stacked into slots (``names`` order) for a mixed batch:
+    ``(A [S, E, r, in], B [S, E, out, r], scales [S], ranks [S, E])``; a slot the wrapper lacks
+    has rank 0. Built per call (as ``_stack``: ``.data`` edits bump no version counter)."""
+    out = {}
+    for w in chain:
+        present = [n for n in names if n in w.lora_A]
+        if not present:
+            continue
+        E = w.num_experts
+        fac = {n: peft_expert_factors(w.lora_A[n].weight, w.lora_B[n].weight, E) for n in present}
+        R = max(a.shape[1] for a, _ in fac.values())
+        a0, b0 = next(iter(fac.values()))
+        A = torch.zeros((len(names), E, R, a0.shape[2]), dtype=a0.dtype, device=device)
+        B = torch.zeros((len(names), E, b0.shape[1], R), dtype=b0.dtype, device=device)
+        ranks = torch.zeros((len(names), E), dtype=torch.int32)
+        scales = torch.zeros(len(names), dtype=torch.float32)
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                if n in fac:
+                    a, b = fac[n]
+                    A[i, :, :a.shape[1]] = a
+                    B[i, :, :, :b.shape[2]] = b
+                    ranks[i] = a.shape[1]
+                    scales[i] = float(w.scaling[n])
+        out[w.parameter_name] = (A, B, scales.to(device), ranks.to(device))
+    return out
 
 
 class _ExpertsForward:
@@ -205,6 +234,19 @@ class _ExpertsForward:
                 or _experts_static_reason(outer) is not None:
             return original(outer, hidden_states, *args, **kwargs)
         base = outer.get_base_layer()
+        top_k_index, top_k_weights = args
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None:  # PEFT's mixed batch: one adapter name per sequence, "__base__" = none
+            n, seqs = hidden_states.shape[0], len(adapter_names)
+            if seqs == 0 or n % seqs:
+                return original(outer, hidden_states, *args, **kwargs)  # PEFT raises its own error
+            names = sorted({a for w in chain for a in w.lora_A.keys()})
+            slot = {a: i for i, a in enumerate(names)}
+            per_seq = torch.tensor([slot.get(a, -1) for a in adapter_names], dtype=torch.int64,
+                                   device=hidden_states.device)
+            return hf_experts.experts_forward(base, hidden_states, top_k_index, top_k_weights,
+                                              _mixed_expert_stacks(chain, names, hidden_states.device),
+                                              per_seq.repeat_interleave(n // seqs))
         adapters = {}
         for w in chain:
             active = _active(w)
@@ -212,7 +254,6 @@ class _ExpertsForward:
                 name = active[0]
                 a, b = peft_expert_factors(w.lora_A[name].weight, w.lora_B[name].weight, w.num_experts)
                 adapters[w.parameter_name] = (a, b, float(w.scaling[name]))
-        top_k_index, top_k_weights = args
         return hf_experts.experts_forward(base, hidden_states, top_k_index, top_k_weights, adapters)
 
 

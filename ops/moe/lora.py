@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ..backend import call_op, check_backend, use_triton
 from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values, is_fp32_number, linear_autocast
-from .lora_launch import expert_lora_bwd_triton, expert_lora_fwd_triton
-from .reference import expert_lora_bwd_ref, expert_lora_fwd_ref
+from .lora_launch import expert_lora_bwd_triton, expert_lora_fwd_triton, expert_lora_mixed_triton
+from .reference import expert_lora_bwd_ref, expert_lora_fwd_ref, expert_lora_mixed_ref
 
 WEIGHT_LAYOUTS = ("in_out", "out_in")
 
@@ -41,8 +41,24 @@ def expert_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, ends: Tensor, lo
     return impl(dy, x, weight, ends, lora_a, lora_b, ranks, scales, t, dropout_p, seed, needs_dx, needs_dbias)
 
 
+def expert_lora_mixed_impl(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
+                           scales: Tensor, adapter_ids: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    """y [M, N] of a mixed batch (inference); weight read as [E, K, N]."""
+    impl = expert_lora_mixed_triton if use_triton(x.device, backend) else expert_lora_mixed_ref
+    return impl(x, weight, ends, lora_a, lora_b, ranks, scales, adapter_ids, bias)
+
+
 expert_lora_fwd = torch.library.custom_op("posttrain_kernels::expert_lora_fwd", mutates_args=())(expert_lora_fwd_impl)
 expert_lora_bwd = torch.library.custom_op("posttrain_kernels::expert_lora_bwd", mutates_args=())(expert_lora_bwd_impl)
+
+
+expert_lora_mixed = torch.library.custom_op("posttrain_kernels::expert_lora_mixed",
+                                            mutates_args=())(expert_lora_mixed_impl)
+
+
+@expert_lora_mixed.register_fake
+def _(x, weight, ends, lora_a, lora_b, ranks, scales, adapter_ids, bias, backend):
+    return x.new_empty((x.shape[0], weight.shape[2]))
 
 
 @expert_lora_fwd.register_fake
@@ -210,3 +226,60 @@ def peft_expert_factors(lora_a_weight: Tensor, lora_b_weight: Tensor, num_expert
     a = lora_a_weight.reshape(E, r, lora_a_weight.shape[1])
     b = lora_b_weight.reshape(lora_b_weight.shape[0], r, E).permute(2, 0, 1)
     return a, b
+
+
+def expert_lora_mixed(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor,
+                      scales: Union[Tensor, Sequence[float]], adapter_ids: Tensor, bias: Optional[Tensor] = None, *,
+                      ranks: Optional[Tensor] = None, weight_layout: str = "in_out",
+                      backend: Optional[str] = None) -> Tensor:
+    """A mixed batch of expert adapters (multi-tenant serving of an MoE model):
+    packed row j of expert e (rows as ``expert_lora_linear``) gets
+    ``x[j]·W_e (+ bias_e)`` plus, when ``s = adapter_ids[j]`` is a slot in
+    ``[0, S)``, ``s_{s,e}·(x[j]·A_{s,e}ᵀ)·B_{s,e}ᵀ``; -1 = the base model.
+    ``lora_a [S, E, r, in]``, ``lora_b [S, E, out, r]`` (the adapter pool's
+    slots × experts), ``scales`` ``[S]`` or ``[S, E]``, ``ranks`` ``[S]`` or
+    ``[S, E]`` (None: r). Inference: no gradient (``ValueError`` if one would
+    be needed). A row's output depends only on its expert and its own slot:
+    a NaN in another slot's adapter never reaches it."""
+    check(weight_layout in WEIGHT_LAYOUTS, "weight_layout", f"expected one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    x, weight, bias, autocast_off = linear_autocast(x, weight, bias)
+    if isinstance(weight, Tensor) and weight.dim() == 3 and weight_layout == "out_in":
+        weight = weight.transpose(1, 2)
+    check(isinstance(lora_a, Tensor) and lora_a.dim() == 4, "lora_a",
+          f"expected [slots, experts, r, in], got {tuple(getattr(lora_a, 'shape', ()))}")
+    check(isinstance(lora_b, Tensor) and lora_b.dim() == 4, "lora_b",
+          f"expected [slots, experts, out, r], got {tuple(getattr(lora_b, 'shape', ()))}")
+    S = lora_a.shape[0]
+    check(lora_b.shape[0] == S, "lora_b", f"expected {S} slots as lora_a, got {lora_b.shape[0]}")
+    E = lora_a.shape[1]
+    check_expert_lora_args(x, weight, ends, lora_a[0], lora_b[0], 1.0, bias, 0.0, None)
+    R = lora_a.shape[2]
+    check(isinstance(adapter_ids, Tensor) and adapter_ids.dim() == 1 and adapter_ids.numel() == x.shape[0]
+          and not adapter_ids.is_floating_point() and adapter_ids.device == x.device, "adapter_ids",
+          f"expected an integer [{x.shape[0]}] tensor on x's device, got "
+          f"{getattr(adapter_ids, 'dtype', type(adapter_ids).__name__)} {tuple(getattr(adapter_ids, 'shape', ()))}")
+    scales = scales if isinstance(scales, Tensor) else torch.tensor(list(scales), dtype=torch.float32,
+                                                                    device=x.device)
+    check(scales.device == x.device and scales.numel() in (S, S * E) and scales.is_floating_point(), "scales",
+          f"expected a floating [{S}] or [{S}, {E}] tensor on x's device, got {tuple(scales.shape)}")
+    scales = scales.float().reshape(S, -1).expand(S, E)
+    if ranks is None:
+        ranks = torch.full((S, E), R, dtype=torch.int32, device=x.device)
+    check(isinstance(ranks, Tensor) and ranks.numel() in (S, S * E) and not ranks.is_floating_point()
+          and ranks.device == x.device, "ranks", f"expected an integer [{S}] or [{S}, {E}] tensor on x's device")
+    ranks = ranks.to(torch.int32).reshape(S, -1).expand(S, E)
+    check_values((ranks, 0, R, "ranks", f"per-slot ranks (r = {R})"),
+                 (adapter_ids, -1, S - 1, "adapter_ids", f"adapter slots (-1 = none; {S} slots)"),
+                 (scales, -3.4e38, 3.4e38, "scales", "per-slot scales"))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b,
+                                                                                           bias))
+    check(not needs_grad, "x", "a mixed batch of expert adapters runs inference only: call it under torch.no_grad()")
+    ends = ends.to(torch.int32).contiguous()
+    if bias is not None:
+        bias = bias.reshape(E, weight.shape[2])
+    args = (x, weight, ends, lora_a, lora_b, ranks.contiguous(), scales.contiguous(), adapter_ids.to(torch.int64),
+            bias, check_backend(backend))
+    if autocast_off is None:
+        return call_op(expert_lora_mixed, expert_lora_mixed_impl, *args)
+    with autocast_off:
+        return call_op(expert_lora_mixed, expert_lora_mixed_impl, *args)

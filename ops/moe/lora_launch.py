@@ -175,3 +175,30 @@ def expert_lora_bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, ends: Tensor, 
         grad(ones, dy, rows, seg, unit, SlotMatrix(dbias, dbias.stride(0), 0, 0, dbias.stride(1)),
              sliced_output=False)
     return dx, da, db, dbias
+
+
+@on_device
+def expert_lora_mixed_triton(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
+                             scales: Tensor, adapter_ids: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y [M, N] for a mixed batch: packed row j of expert e uses adapter slot s = adapter_ids[j]
+    (-1 or out of range: none) with ``lora_a [S, E, R, K]``, ``lora_b [S, E, N, R]``, ``ranks`` /
+    ``scales [S, E]``. Each (slot, expert) pair is one adapter id ``s·E + e`` of the multi-adapter
+    shrink and of the expert GEMM's run-by-run expand (a tile loops over the ids of its rows)."""
+    M = x.shape[0]
+    S, E, R = lora_a.shape[0], lora_a.shape[1], lora_a.shape[2]
+    y = torch.empty((M, weight.shape[2]), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    experts = row_ids(ends, M)
+    ok = (adapter_ids >= 0) & (adapter_ids < S) & (experts < E)
+    sid = torch.where(ok, adapter_ids.to(torch.int64) * E + experts, -1)
+    a = lora_a if lora_a.stride(0) == E * lora_a.stride(1) else lora_a.contiguous()
+    b = lora_b if lora_b.stride(0) == E * lora_b.stride(1) else lora_b.contiguous()
+    stack = AdapterStack(ranks.reshape(1, S * E).to(torch.int32).contiguous(),
+                         scales.reshape(1, S * E).float().contiguous(), _bounds((1,), x.device), S * E, R, 1, None)
+    rows = RowOrder(torch.arange(M, device=x.device), sid)
+    t = torch.zeros((M, R), device=x.device, dtype=torch.float32)
+    shrink(x, SlotMatrix(a, a.stride(1), 0, a.stride(2), a.stride(3)), stack, rows, t, sliced_reduction=False)
+    expert_matmul(x, weight, _bias_rows(bias), ends, y, t, SlotMatrix(b, b.stride(1), 0, b.stride(2), b.stride(3)),
+                  stack, sid=sid)
+    return y

@@ -133,3 +133,27 @@ def expert_lora_bwd_ref(dy, x, weight, ends, lora_a, lora_b, ranks, scales, t, d
             dx[lo:hi] = dyf[lo:hi] @ weight[e].to(acc).t() + low
     return (dx.to(x.dtype) if needs_dx else x.new_empty(0), da, db,
             dbias if needs_dbias else x.new_empty(0, dtype=gd))
+
+
+def expert_lora_mixed_ref(x, weight, ends, lora_a, lora_b, ranks, scales, adapter_ids, bias):
+    """The mixed-batch expert LoRA: row j of expert e gets x·W_e (+ bias_e) plus, when
+    s = adapter_ids[j] is a slot in [0, S), s_{s,e}·(x·A_{s,e}[:r]ᵀ)·B_{s,e}[:, :r]ᵀ. fp32 math;
+    rows past ``ends[-1]`` are zeros."""
+    M, S, R = x.shape[0], lora_a.shape[0], lora_a.shape[2]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = torch.zeros((M, weight.shape[2]), device=x.device, dtype=acc)
+    xf = x.to(acc)
+    for e, lo, hi in _expert_rows(ends, M):
+        ye = xf[lo:hi] @ weight[e].to(acc)
+        if bias is not None:
+            ye = ye + bias[e].to(acc)
+        ids = adapter_ids[lo:hi]
+        for s in ids.unique().tolist():
+            if not 0 <= s < S:
+                continue
+            rows = ids == s
+            r = min(max(int(ranks[s, e]), 0), R)
+            t = xf[lo:hi][rows] @ lora_a[s, e, :r].to(acc).t()
+            ye[rows] += float(scales[s, e]) * (t @ lora_b[s, e, :, :r].to(acc).t())
+        y[lo:hi] = ye
+    return y.to(x.dtype)
