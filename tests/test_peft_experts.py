@@ -154,3 +154,49 @@ def test_mixed_adapter_batch():
         got = model(ids, adapter_names=names).logits
     assert OP_CALLS["expert_lora_mixed_impl"] == calls + 2
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])  # [E, out, in] concatenated; [E, in, out] interleaved
+@pytest.mark.parametrize("targets", [BOTH, ["mlp.experts.down_proj"]], ids=["both", "down"])
+def test_peft_expert_files_into_converted_models_and_back(kind, targets, tmp_path):
+    """A PEFT file with target_parameters (and a target_modules Linear) loads into the
+    convert_moe'd model (``load_adapter``) with PEFT's logits; ``save_adapter`` of that model writes a
+    file PEFT loads into the original transformers model, again with the same logits."""
+    import copy
+    base = _base(kind).eval()
+    ours = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_parameters=targets, target_modules=["q_proj"],
+                          init_lora_weights=False)
+    model = peft.get_peft_model(base, cfg).eval()
+    with torch.no_grad():
+        want = model(_ids()).logits
+    model.save_pretrained(tmp_path / "peft")
+    pk.convert_moe(ours)
+    names = pk.load_adapter(ours, tmp_path / "peft")
+    assert {f"model.layers.0.{t}" for t in targets} | {"model.layers.0.self_attn.q_proj"} == set(names)
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, _ in ours.named_parameters() if ".lora" in n}
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_ids()).logits, want, rtol=1e-4, atol=1e-5)
+    pk.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_base(kind).eval(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bad_expert_adapter_file_changes_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = _peft_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(f)
+    key = next(k for k in tensors if k.endswith("experts.lora_A.weight"))
+    tensors[key] = tensors[key][:-1]  # E·r - 1 rows: not r rows per expert
+    save_file(tensors, f)
+    ours = _base("qwen3_moe")
+    pk.convert_moe(ours)
+    before = {n: p.clone() for n, p in ours.state_dict().items()}
+    with pytest.raises(ValueError, match="^path: .*experts.down_proj"):
+        pk.load_adapter(ours, tmp_path)
+    after = ours.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)

@@ -236,11 +236,12 @@ def write_adapter(path: Union[str, os.PathLike], tensors: dict[str, tuple[torch.
                   r: int, lora_alpha: float, target_modules: list[str], lora_dropout: float = 0.0,
                   use_rslora: bool = False, rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,
                   base_model_name_or_path: Optional[str] = None, fan_in_fan_out: bool = False,
-                  saved_modules: Optional[dict] = None) -> None:
+                  saved_modules: Optional[dict] = None, target_parameters: Optional[list] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as
     PEFT's ``save_pretrained`` does; ``tensors``: module name -> (A [r, in],
     B [out, r]); ``saved_modules``: module name -> {param: tensor} of
-    ``modules_to_save`` (full weights, PEFT's layout)."""
+    ``modules_to_save`` (full weights, PEFT's layout); ``target_parameters``: the expert
+    parameters PEFT's ``ParamWrapper`` adapters of ``tensors`` target (``ops/adapters/experts.py``)."""
     from safetensors.torch import save_file
     config = {
         "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": lora_alpha,
@@ -251,6 +252,8 @@ def write_adapter(path: Union[str, os.PathLike], tensors: dict[str, tuple[torch.
         "base_model_name_or_path": base_model_name_or_path, "rank_pattern": rank_pattern or {},
         "alpha_pattern": alpha_pattern or {},
     }
+    if target_parameters:
+        config["target_parameters"] = list(target_parameters)
     flat = {}
     for n, (a, b) in tensors.items():
         flat[f"{_PREFIX}{n}.lora_A.weight"] = a.detach().contiguous()

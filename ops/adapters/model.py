@@ -27,6 +27,7 @@ from torch import nn
 
 from ..common import MAX_RANK, FrozenLinearWrapper, is_linear, lora_scale, set_submodule, weight_out_in
 from ..lora.layer import LoRALinear
+from . import experts as expert_files
 from .format import matches_target, read_adapter_file, validate_adapter, write_adapter
 
 _ORIGINALS = "_posttrain_modules_to_save_originals"
@@ -125,22 +126,33 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike],
                  base_model_name_or_path: Optional[str] = None) -> None:
     """Write the model's LoRA adapters in PEFT's format (one adapter; every
     layer must share r, alpha, dropout and rsLoRA, as one PEFT config does),
-    with the ``modules_to_save`` weights."""
+    with the ``modules_to_save`` weights. Adapters on MoE experts
+    (``add_expert_lora``) are written as PEFT's ``target_parameters``
+    adapters of the expert parameters (``ops/adapters/experts.py``), so a
+    model converted with ``convert_moe`` saves a file PEFT loads into the
+    original transformers model."""
     layers = _lora_layers(model)
-    if not layers:
-        raise ValueError("model: has no LoRALinear layer (call apply_lora first)")
-    first = next(iter(layers.values()))
+    expert, target_parameters, expert_settings = expert_files.expert_tensors(model)
+    if not layers and not expert:
+        raise ValueError("model: has no LoRALinear layer or expert adapter (call apply_lora or add_expert_lora first)")
+    first = next(iter(layers.values()), None)
     for n, m in layers.items():
         if (m.r, m.lora_alpha, m.lora_dropout, m.use_rslora) != (first.r, first.lora_alpha, first.lora_dropout,
                                                                  first.use_rslora):
             raise ValueError(f"model: layer {n} has other LoRA settings than {next(iter(layers))}")
         if m.merged:
             raise ValueError(f"model: layer {n} is merged; unmerge before saving the adapter")
+    r, alpha, rslora = (first.r, first.lora_alpha, first.use_rslora) if first is not None else expert_settings
+    if first is not None and expert_settings is not None and expert_settings != (r, alpha, rslora):
+        raise ValueError(f"model: the expert adapters' (r, alpha, rslora) {expert_settings} differ from the linear "
+                         f"layers' {(r, alpha, rslora)}: one PEFT config holds one")
     saved = {n: dict(model.get_submodule(n).named_parameters()) for n in model.__dict__.get(_ORIGINALS, {})}
-    write_adapter(path, {n: (m.lora_A.weight, m.lora_B.weight) for n, m in layers.items()}, first.r,
-                  first.lora_alpha, target_list(model, layers), first.lora_dropout, first.use_rslora,
-                  base_model_name_or_path=base_model_name_or_path,
-                  fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()), saved_modules=saved)
+    tensors = {n: (m.lora_A.weight, m.lora_B.weight) for n, m in layers.items()}
+    tensors.update(expert)
+    write_adapter(path, tensors, r, alpha, target_list(model, layers), first.lora_dropout if first else 0.0,
+                  rslora, base_model_name_or_path=base_model_name_or_path,
+                  fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()), saved_modules=saved,
+                  target_parameters=target_parameters)
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
@@ -149,15 +161,21 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     (``nn.Linear``, ``Conv1D``) are wrapped first, ``modules_to_save``
     weights are copied in. Every name, shape and rank is checked before the
     model is touched. Afterwards only the adapters and ``modules_to_save``
-    train (PEFT's ``is_trainable=True``). Returns the LoRA module names."""
+    train (PEFT's ``is_trainable=True``). Adapters of expert parameters
+    (PEFT's ``target_parameters``) go into the model's MoE layers
+    (``add_expert_lora``; a ``convert_moe`` output reads the file of the
+    original transformers model). Returns the LoRA module names (expert
+    adapters as ``<experts module>.<parameter>``)."""
     file = read_adapter_file(path)
     config = file.config
+    expert_entries, linear_lora = expert_files.split_expert_entries(model, config, file.lora)
+    experts = expert_files.validate_expert_entries(model, config, expert_entries, MAX_RANK)
     shapes = {}
     for name, m in model.named_modules():
         if (is_linear(m) or isinstance(m, LoRALinear)) and not _inside_lora(model, name):
             shapes[name] = (m.in_features, m.out_features) if isinstance(m, LoRALinear) else \
                 tuple(weight_out_in(m).shape[::-1])
-    entries, dropout = validate_adapter(config, file.lora, shapes, "which the model lacks (or which is not a Linear)",
+    entries, dropout = validate_adapter(config, linear_lora, shapes, "which the model lacks (or which is not a Linear)",
                                         MAX_RANK)
     for name, params in file.saved_modules.items():
         try:
@@ -186,18 +204,23 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
         with torch.no_grad():
             layer.lora_A.weight.copy_(e.A)
             layer.lora_B.weight.copy_(e.B)
+    expert_files.apply_expert_entries(model, experts, config)
     for p in model.parameters():  # train the adapters alone, as PeftModel.from_pretrained(is_trainable=True)
         p.requires_grad_(False)
     for layer in _lora_layers(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    for ex in expert_files.expert_modules(model).values():
+        for adapter in ex.lora.values():
+            adapter.lora_A.requires_grad_(True)
+            adapter.lora_B.requires_grad_(True)
     with torch.no_grad():
         for name, params in file.saved_modules.items():
             own = dict(model.get_submodule(name).named_parameters())
             for p, t in params.items():
                 own[p].copy_(t)
     _keep_trainable(model, list(file.saved_modules))
-    return [e.name for e in entries]
+    return [e.name for e in entries] + [f"{module}.{param}" for module, param, *_ in experts]
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -243,6 +243,8 @@ def from_hf(block: nn.Module, capacity_factor: Optional[float] = None) -> TopKMo
     if name not in CONVERTERS:
         raise ValueError(f"block: no converter for {name}; supported: {', '.join(sorted(CONVERTERS))}")
     layer = CONVERTERS[name](block)
+    # how the block's fused gate_up_proj orders its rows (PEFT's expert adapter files follow it)
+    layer.experts.hf_layout = "interleaved" if name == "GptOssMLP" else "concatenated"
     if capacity_factor is not None:
         layer.capacity_factor = capacity_factor
     return layer.train(block.training)

@@ -67,9 +67,10 @@ class ExpertLoRA(nn.Module):
     is unchanged until training moves B)."""
 
     def __init__(self, num_experts: int, d_in: int, d_out: int, r: int, ranks, scales, dropout: float,
-                 device=None, dtype=None):
+                 device=None, dtype=None, alphas=None, use_rslora: bool = False):
         super().__init__()
         self.r, self.dropout = r, dropout
+        self.alphas, self.use_rslora = tuple(alphas) if alphas is not None else None, use_rslora  # as configured
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, d_in, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, r, device=device, dtype=dtype))
         with torch.no_grad():
@@ -224,7 +225,8 @@ class Experts(nn.Module):
         for name in targets:
             ws, _ = self.projections()[name]
             d_in, d_out = ws[0].shape[1], sum(w.shape[2] for w in ws)
-            self.lora[name] = ExpertLoRA(E, d_in, d_out, r_max, ranks, scales, dropout, ws[0].device, ws[0].dtype)
+            self.lora[name] = ExpertLoRA(E, d_in, d_out, r_max, ranks, scales, dropout, ws[0].device, ws[0].dtype,
+                                         alphas, use_rslora)
         for p in self.parameters(recurse=False):  # the experts are frozen, as PEFT freezes the base model
             p.requires_grad_(False)
 
