@@ -10,8 +10,8 @@ rows / experts): what decides the row tile.
 """
 from __future__ import annotations
 
-from ..kernels.moe_lora import _expert_lora_matmul_kernel
-from .config import ADAPTER_BYTES, Config, itemsize, smem_budget, table
+from ..kernels.moe_lora import _expert_lora_matmul_kernel, _expert_lora_matmul_tma_kernel
+from .config import ADAPTER_BYTES, Config, itemsize, rank_block, smem_budget, table
 from .registry import AotVariant, KernelSpec, register
 
 RANK_CAP = 64  # widest rank the forward fuses into its main loop
@@ -67,6 +67,8 @@ _PLAIN = frozenset({"M", "E", "R_MAX", "SLOTS", "TILES", "stride_tm", "stride_as
 
 EXPERT_LORA_MATMUL = register(KernelSpec(
     name="expert_lora_matmul", fn=_expert_lora_matmul_kernel, key=("N", "K", "R", "M"),
+    # On sm_90 the 16-bit fused launches take expert_lora_matmul_tma; this kernel the rest (dropout,
+    # mixed batches, ranks over 64, operands TMA cannot address), so its defaults are compiled there too.
     space=space, prune=prune, default=default, rank_blocked=True, rank_cap=RANK_CAP,
     variants=(
         # The layer's [E, in, out] weight: unit stride along N.
@@ -89,4 +91,62 @@ EXPERT_LORA_MATMUL = register(KernelSpec(
                    flags={"HAS_BIAS": False, "FUSE_SHRINK": False, "HAS_DROPOUT": True},
                    ones=frozenset({"stride_xk", "stride_wk", "stride_tr", "stride_bn", "stride_yn"}),
                    plain=_PLAIN),
+    )))
+
+
+# ---------------------------------------------------------------- expert_lora_matmul_tma (sm_90)
+def tma_space(dtype: str) -> list[Config]:
+    """The fused case on sm_90 (16-bit): x, W and A through TMA, persistent grid."""
+    if dtype == "float32":
+        return []
+    return table(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
+        (128, 128, 64, 8, 8, 3),
+        (64, 128, 64, 8, 8, 3),
+        (64, 64, 64, 8, 4, 4),
+    ])
+
+
+def tma_smem(cfg: Config, dtype: str, block_r: int) -> int:
+    """Stages × (x, weight and A tiles of one K step), all in the compute dtype."""
+    return cfg.num_stages * cfg["BLOCK_K"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"] + block_r) * itemsize(dtype)
+
+
+def prune_tma(cfgs, dtype: str, cc: int, block_r=None) -> list[Config]:
+    """Shared memory within the target's; no 128×128 tile with the 64-wide rank tile (its
+    accumulators spill with Triton 3.9: 272 bytes of stack)."""
+    br = block_r or 16
+    return [c for c in cfgs if cc is not None and cc >= 90 and tma_smem(c, dtype, br) <= smem_budget(cc)
+            and not (br >= 64 and c["BLOCK_M"] * c["BLOCK_N"] >= 128 * 128)]
+
+
+def default_tma(dtype: str, cc, dims: dict) -> Config:
+    if cc is None:  # the interpreter (POSTTRAIN_KERNELS_GEMM=tma): small tiles
+        return Config.make(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+    by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c
+               for c in prune_tma(tma_space(dtype), dtype, cc, min(rank_block(dims["R"]), RANK_CAP))}
+    M = dims["M"]
+    if M >= 256 and (128, 128) in by_tile:
+        return by_tile[(128, 128)]
+    if M >= 64:
+        return by_tile[(64, 128)]
+    return by_tile[(64, 64)]
+
+
+_TMA_PTRS = {"x_ptr": "x", "w_ptr": "x", "bias_ptr": "x", "tile_e_ptr": "i32", "tile_row_ptr": "i32",
+             "used_ptr": "i64", "ends_ptr": "i32", "a_ptr": "x", "t_ptr": "fp32", "b_ptr": "adapter",
+             "rank_ptr": "i32", "scale_ptr": "fp32", "y_ptr": "x"}
+_TMA_PLAIN = frozenset({"M", "E", "R_MAX", "num_programs", "stride_tm", "stride_as", "stride_ar", "stride_bs",
+                        "stride_br"})
+
+EXPERT_LORA_MATMUL_TMA = register(KernelSpec(
+    name="expert_lora_matmul_tma", fn=_expert_lora_matmul_tma_kernel, key=("N", "K", "R", "M"),
+    picked=lambda dtype, cc: cc >= 90,
+    space=tma_space, prune=prune_tma, default=default_tma, rank_blocked=True, rank_cap=RANK_CAP,
+    variants=(
+        AotVariant("weight [E, K, N] (unit N stride), bias on", pointers=_TMA_PTRS,
+                   flags={"W_NMAJOR": True, "HAS_BIAS": True},
+                   ones=frozenset({"stride_tr", "stride_yn"}), plain=_TMA_PLAIN, adapter_fp32=True),
+        AotVariant("weight [E, N, K] (unit K stride)", pointers=_TMA_PTRS,
+                   flags={"W_NMAJOR": False, "HAS_BIAS": False},
+                   ones=frozenset({"stride_tr", "stride_yn", "stride_bn"}), plain=_TMA_PLAIN),
     )))

@@ -88,7 +88,7 @@ def _check_sass(rows):
     gone = sorted(set(known) - set(spills))
     assert not gone, f"known stacks of Triton {triton_version()} are gone (drop them from KNOWN_STACKS): {gone}"
     for r in defaults:
-        if r["kernel"] in ("lora_matmul_tma", "multi_lora_matmul_tma"):
+        if r["kernel"] in ("lora_matmul_tma", "multi_lora_matmul_tma", "expert_lora_matmul_tma"):
             # wgmma on operands that TMA copied into shared memory
             assert r["sass"]["HGMMA"] > 0 and r["sass"]["UTMALDG"] > 0, (r["kernel"], r["variant"], r["sass"])
         if r["kernel"] == "lora_matmul_tma":
@@ -97,4 +97,4 @@ def _check_sass(rows):
             # each expert's GEMM on wgmma (operands through cp.async: a row tile ends at its expert's end)
             assert r["sass"]["HGMMA"] > 0 and r["sass"]["LDGSTS"] > 0, (r["variant"], r["config"], r["sass"])
     assert {r["kernel"] for r in defaults} >= {"lora_matmul_tma", "multi_lora_matmul_tma", "lora_dy", "lora_x",
-                                               "expert_lora_matmul"}
+                                               "expert_lora_matmul", "expert_lora_matmul_tma"}

@@ -303,3 +303,54 @@ def test_mixed_batch_refuses_gradients_and_bad_ids():
         expert_lora_mixed(x, w, ends, a, b, [1.0] * 3, ids + 5, bias)
     with torch.no_grad(), pytest.raises(ValueError, match="^lora_b:"):
         expert_lora_mixed(x, w, ends, a, b[:2], [1.0] * 3, ids, bias)
+
+
+# ---------------------------------------------------------------- the sm_90 path (TMA), in the interpreter
+@pytest.fixture
+def tma_path(monkeypatch):
+    """POSTTRAIN_KERNELS_GEMM=tma (the interpreter runs tensor descriptors) and a count of its launches."""
+    from posttrain_kernels.ops.moe import lora_launch
+    monkeypatch.setenv("POSTTRAIN_KERNELS_GEMM", "tma")
+    calls = []
+    real = lora_launch._expert_matmul_tma
+    monkeypatch.setattr(lora_launch, "_expert_matmul_tma", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("adapters", ["fp16", "fp32-copied"])
+def test_tma_path_against_a_loop(tma_path, layout, adapters):
+    """x, the expert weight (both orientations: unit N or unit K stride) and A through 3-D
+    descriptors, forward and dX (dt fused); A in fp32 is copied to x's dtype for its descriptor."""
+    x, w, ends, a, b, bb, dy = _problem(torch.float16, K=48, N=40, layout=layout)
+    if adapters == "fp16":
+        a, b = (t.detach().half().requires_grad_() for t in (a, b))
+    y = expert_lora_linear(x, w, ends, a, b, 0.7, bb, weight_layout=layout, backend="triton")
+    y.backward(dy)
+    assert len(tma_path) == 2  # forward and dX
+    _check(torch.float16, y, x, a, b, bb, dy, ends, (x, w, ends, a, b, bb, 0.7), layout=layout)
+
+
+def test_tma_path_rank_pattern_ignores_rows_past_each_rank(tma_path):
+    x, w, ends, a, b, bb, dy = _problem(torch.float16, K=48, N=40, R=16)
+    a, b = (t.detach().half() for t in (a, b))
+    ranks = [16, 3, 2, 5, 1]
+    for e, r in enumerate(ranks):
+        a[e, r:] = float("nan")  # TMA reads these rows: they must count for nothing
+        b[e, :, r:] = float("nan")
+    a.requires_grad_()
+    b.requires_grad_()
+    y = expert_lora_linear(x, w, ends, a, b, 0.5, bb, ranks=ranks, backend="triton")
+    y.backward(dy)
+    assert len(tma_path) == 2
+    clean_a, clean_b = a.detach().nan_to_num(0.0), b.detach().nan_to_num(0.0)
+    _check(torch.float16, y, x, a, b, bb, dy, ends, (x, w, ends, clean_a, clean_b, bb, 0.5), ranks=ranks)
+
+
+def test_tma_path_falls_back_on_operands_it_cannot_address(tma_path):
+    """K not a multiple of 8 (rows off 16 bytes): the portable kernel, same results."""
+    x, w, ends, a, b, bb, dy = _problem(torch.float16, K=41)
+    y = expert_lora_linear(x, w, ends, a, b, 0.7, bb, backend="triton")
+    y.backward(dy)
+    assert tma_path == []
+    _check(torch.float16, y, x, a, b, bb, dy, ends, (x, w, ends, a, b, bb, 0.7))

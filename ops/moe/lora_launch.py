@@ -26,20 +26,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import os
+
 from ...autotune.cache import select_config
-from ...autotune.moe_lora import EXPERT_LORA_MATMUL, RANK_CAP
-from ..backend import device_info, on_device
+from ...autotune.moe_lora import EXPERT_LORA_MATMUL, EXPERT_LORA_MATMUL_TMA, RANK_CAP
+from ..backend import (GEMM_VAR, aligned, compute_capability, device_info, ensure_tma_allocator, num_sms, on_device,
+                       tma_addressable, tma_row_stride)
 from ..common import cdiv, dtype_name
 from ..dropout import multi_dropout_tables
 from ..multi_lora.launch import AdapterStack, RowOrder, SlotMatrix, _bounds, grad, shrink
 
 
-def tile_table(ends: Tensor, M: int, block_m: int) -> tuple[Tensor, Tensor, int]:
+def tile_table(ends: Tensor, M: int, block_m: int, with_count: bool = False):
     """(expert of each row tile int32 (-1 = unused), first row of each tile
-    int32, number of tiles): every expert's rows cut into ``block_m``-row
-    tiles that never straddle two experts. On the device, no host sync; the
-    table has the static size ``cdiv(M, block_m) + E`` (an upper bound on
-    Σ_e cdiv(rows_e, block_m))."""
+    int32, number of tiles[, used tiles int64 [1]]): every expert's rows cut
+    into ``block_m``-row tiles that never straddle two experts, the used
+    ones first. On the device, no host sync; the table has the static size
+    ``cdiv(M, block_m) + E`` (an upper bound on Σ_e cdiv(rows_e, block_m))."""
     E = ends.numel()
     tiles_max = cdiv(M, block_m) + E
     ends64 = ends.to(torch.int64).clamp(0, M)
@@ -52,7 +55,8 @@ def tile_table(ends: Tensor, M: int, block_m: int) -> tuple[Tensor, Tensor, int]
     used = e < E
     ec = e.clamp_max(E - 1)
     row0 = starts[ec] + (tile - (cum[ec] - per[ec])) * block_m
-    return (torch.where(used, ec, -1).to(torch.int32), torch.where(used, row0, 0).to(torch.int32), tiles_max)
+    table = (torch.where(used, ec, -1).to(torch.int32), torch.where(used, row0, 0).to(torch.int32), tiles_max)
+    return (*table, cum[-1:]) if with_count else table
 
 
 def row_ids(ends: Tensor, M: int) -> Tensor:
@@ -88,6 +92,11 @@ def expert_matmul(x: Tensor, w: Tensor, bias: Optional[Tensor], ends: Tensor, y:
     M, K = x.shape
     E, N = w.shape[0], w.shape[2]
     dims = dict(N=N, K=K, R=stack.max_rank, M=max(1, M // E))
+    if a is not None:
+        plan = _tma_plan(x, w, a, stack.max_rank)
+        if plan is not None:
+            _expert_matmul_tma(x, w, bias, ends, y, t, b, stack, plan, dims)
+            return
     cfg = select_config(EXPERT_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device), **dims)
     block_r = EXPERT_LORA_MATMUL.block_r(stack.max_rank)
     tile_e, tile_row, tiles = tile_table(ends, M, cfg["BLOCK_M"])
@@ -108,6 +117,58 @@ def expert_matmul(x: Tensor, w: Tensor, bias: Optional[Tensor], ends: Tensor, y:
         stride_bs=b.stride_s, stride_bn=b.stride_r, stride_br=b.stride_c,
         stride_ym=y.stride(0), stride_yn=y.stride(1),
         HAS_BIAS=bias is not None, FUSE_SHRINK=fused, **EXPERT_LORA_MATMUL.launch_kwargs(cfg, block_r))
+
+
+def _tma_plan(x: Tensor, w: Tensor, a: SlotMatrix, R: int):
+    """(W_NMAJOR, the weight's other stride, A as a TMA-readable ``[E, R, K]`` in x's dtype) when the
+    sm_90 kernel may run the fused case on these operands (``POSTTRAIN_KERNELS_GEMM``: auto on sm_90,
+    ``tma`` also under the interpreter, ``portable`` never), else None. A is copied (E·R·K elements)
+    when its dtype, strides or base do not suit a descriptor; x and the weight never are."""
+    choice = (os.environ.get(GEMM_VAR) or "auto").lower()
+    if choice == "portable" or x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return None
+    if choice == "auto" and (compute_capability(x.device) or 0) < 90:
+        return None
+    E, K, N = w.shape
+    es = w.element_size()
+    if not tma_addressable(x) or not aligned(w) or (w.stride(0) * es) % 16:
+        return None
+    if w.stride(2) == 1 and w.stride(1) >= N and (w.stride(1) * es) % 16 == 0:
+        w_nmajor, stride_w = True, w.stride(1)
+    elif w.stride(1) == 1 and w.stride(2) >= K and (w.stride(2) * es) % 16 == 0:
+        w_nmajor, stride_w = False, w.stride(2)
+    else:
+        return None
+    a3 = torch.as_strided(a.data, (E, R, K), (a.stride_s, a.stride_r, a.stride_c))
+    if not (a3.dtype == x.dtype and a3.stride(2) == 1 and a3.stride(1) >= K and aligned(a3)
+            and (a3.stride(1) * es) % 16 == 0 and (a3.stride(0) * es) % 16 == 0):
+        row = tma_row_stride(K, x.dtype)
+        buf = torch.empty((E, R, row), device=x.device, dtype=x.dtype)
+        buf[:, :, :K].copy_(a3)
+        a3 = buf[:, :, :K]
+    return w_nmajor, stride_w, a3
+
+
+def _expert_matmul_tma(x, w, bias, ends, y, t, b: SlotMatrix, stack: AdapterStack, plan, dims) -> None:
+    """The fused case on sm_90: ``_expert_lora_matmul_tma_kernel`` over a persistent grid."""
+    w_nmajor, stride_w, a3 = plan
+    M, K = x.shape
+    E, N = w.shape[0], w.shape[2]
+    ensure_tma_allocator()
+    cfg = select_config(EXPERT_LORA_MATMUL_TMA, dtype_name(x.dtype), device_info(x.device), **dims)
+    block_r = EXPERT_LORA_MATMUL_TMA.block_r(stack.max_rank)
+    tile_e, tile_row, tiles, used = tile_table(ends, M, cfg["BLOCK_M"], with_count=True)
+    programs = max(1, min(tiles * cdiv(N, cfg["BLOCK_N"]), num_sms(x.device)))
+    EXPERT_LORA_MATMUL_TMA.fn[(programs,)](
+        x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else y, tile_e_ptr=tile_e, tile_row_ptr=tile_row,
+        used_ptr=used, ends_ptr=ends, a_ptr=a3, t_ptr=t, b_ptr=b.data, rank_ptr=stack.ranks,
+        scale_ptr=stack.scales, y_ptr=y, M=M, N=N, K=K, E=E, R_MAX=stack.max_rank, num_programs=programs,
+        stride_xm=x.stride(0), stride_we=w.stride(0), stride_w=stride_w,
+        stride_biase=bias.stride(0) if bias is not None else 0,
+        stride_as=a3.stride(0), stride_ar=a3.stride(1), stride_tm=t.stride(0), stride_tr=t.stride(1),
+        stride_bs=b.stride_s, stride_bn=b.stride_r, stride_br=b.stride_c,
+        stride_ym=y.stride(0), stride_yn=y.stride(1), W_NMAJOR=w_nmajor, HAS_BIAS=bias is not None,
+        **EXPERT_LORA_MATMUL_TMA.launch_kwargs(cfg, block_r))
 
 
 def _bias_rows(bias: Optional[Tensor]) -> Optional[Tensor]:
