@@ -18,13 +18,19 @@ Public API:
   ``moe_combine``, the layers ``ExpertChoiceMoE`` and ``TopKMoE``, and sparse
   upcycling with ``upcycle_mlp`` / ``upcycle_model``; expert parallelism with
   ``layer.shard_experts(group)`` and ``expert_parallel_parameter_names``.
+* LoRA on MoE experts: ``layer.add_expert_lora(...)``, ``expert_lora_linear``
+  (each expert's GEMM with its adapter fused in, forward and backward),
+  ``ExpertLoRAFunction``, ``expert_lora_mixed`` (a mixed batch of expert
+  adapters, inference), ``peft_expert_factors`` (PEFT's flattened layout as
+  views); PEFT's ``target_parameters`` models through ``patch_peft``.
 """
 from .ops.adapters import (AdapterPool, apply_lora, disable_adapter, fsdp_auto_wrap_policy, load_adapter,
                           merge_and_unload, patch_peft, save_adapter, unpatch_peft)
 from .ops.lora import LoRAColwiseParallel, LoRALinear, LoRALinearFunction, LoRARowwiseParallel, lora_linear
-from .ops.moe import (ExpertChoiceMoE, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
+from .ops.moe import (ExpertChoiceMoE, ExpertLoRAFunction, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
                       convert_moe, expert_choice_route, expert_parallel_parameter_names, load_balancing_loss,
-                      moe_combine, moe_dispatch, router_z_loss, select_experts, topk_route, upcycle_mlp, upcycle_model)
+                      expert_lora_linear, expert_lora_mixed, moe_combine, moe_dispatch, peft_expert_factors,
+                      router_z_loss, select_experts, topk_route, upcycle_mlp, upcycle_model)
 from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora_linear
 
 __version__ = "0.1.0"
@@ -40,5 +46,7 @@ __all__ = [
     "expert_choice_route", "topk_route", "select_experts", "capacity_from_factor", "router_z_loss",
     "load_balancing_loss", "moe_dispatch", "moe_combine", "MoEDispatchFunction", "MoECombineFunction",
     "ExpertChoiceMoE", "TopKMoE", "convert_moe", "upcycle_mlp", "upcycle_model", "expert_parallel_parameter_names",
+    # LoRA on MoE experts
+    "expert_lora_linear", "ExpertLoRAFunction", "expert_lora_mixed", "peft_expert_factors",
     "__version__",
 ]
