@@ -16,9 +16,9 @@ COUNTS = (7, 0, 19, 1, 33)  # an empty expert in the middle, a one-row expert, o
 PAD = 6  # rows past the last expert (empty slots of a packed table)
 
 
-def _problem(dtype, K=40, N=36, R=8, counts=COUNTS, layout="in_out", bias=True, seed=0):
+def _problem(dtype, K=40, N=36, R=8, counts=COUNTS, layout="in_out", bias=True, seed=0, pad=PAD):
     g = torch.Generator().manual_seed(seed)
-    E, M = len(counts), sum(counts) + PAD
+    E, M = len(counts), sum(counts) + pad
     ends = torch.tensor(counts).cumsum(0).to(torch.int32)
     x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(E, K, N, generator=g) / K ** 0.5).to(dtype)
@@ -354,3 +354,28 @@ def test_tma_path_falls_back_on_operands_it_cannot_address(tma_path):
     y.backward(dy)
     assert tma_path == []
     _check(torch.float16, y, x, a, b, bb, dy, ends, (x, w, ends, a, b, bb, 0.7))
+
+
+def test_opcheck_and_torch_compile():
+    """The three ops pass torch.library.opcheck (every row packed: rows past the last expert are
+    undefined by contract); the functional API compiles with fullgraph=True."""
+    x, w, ends, a, b, bb, dy = _problem(torch.float32, K=16, N=24, R=4, counts=(3, 0, 5), pad=0)
+    xs, as_, bs = (t.detach() for t in (x, a, b))
+    ranks, scales = torch.full((3,), 4, dtype=torch.int32), torch.full((3,), 0.5)
+    ops = torch.ops.posttrain_kernels
+    torch.library.opcheck(ops.expert_lora_fwd.default, (xs, w, ends, as_, bs, ranks, scales, bb.detach(), 0.0, None,
+                                                        "auto"))
+    y, t = ops.expert_lora_fwd(xs, w, ends, as_, bs, ranks, scales, None, 0.0, None, "auto")
+    torch.library.opcheck(ops.expert_lora_bwd.default, (dy, xs, w, ends, as_, bs, ranks, scales, t, 0.0, None, True,
+                                                        True, "auto"))
+    ids = torch.tensor([0, -1, 1, 0, 1, 1, -1, 0], dtype=torch.int64)
+    torch.library.opcheck(ops.expert_lora_mixed.default,
+                          (xs, w, ends, as_[None].expand(2, -1, -1, -1).contiguous(),
+                           bs[None].expand(2, -1, -1, -1).contiguous(), ranks[None].expand(2, -1).contiguous(),
+                           scales[None].expand(2, -1).contiguous(), ids, None, "auto"))
+    fn = torch.compile(lambda *args: expert_lora_linear(*args), fullgraph=True, backend="aot_eager")
+    got = fn(x, w, ends, a, b, 0.5, bb)
+    got.backward(dy)
+    want = expert_lora_linear(x.detach(), w, ends, a.detach(), b.detach(), 0.5, bb.detach())
+    n = int(ends[-1])
+    torch.testing.assert_close(got[:n], want[:n])
