@@ -1,8 +1,10 @@
 """Spec of the expert-LoRA GEMM (``kernels/moe_lora.py``): each expert's
 GEMM with its adapter fused in, forward and backward dX.
 
-Rank-blocked: ``BLOCK_R`` holds the whole rank of the fused shrink (R ≤ 64,
-the ``rank_cap``) and is the rank step of the expand otherwise. The space is
+Two specs of the portable kernel: the fused case (rank-blocked: ``BLOCK_R``
+holds the whole rank of the fused shrink, R ≤ 64, the ``rank_cap``) and the
+run-by-run case (``BLOCK_R`` = 16, the expand's rank step), so the AOT
+harness compiles each layout only at the rank tiles it launches with. The space is
 the dense GEMM's, less the 128×256 tile (the fused shrink's extra
 accumulator and adapter tile spill there), pruned by the same shared-memory
 rule plus the adapter tile. The key's ``M`` is the rows per expert (packed
@@ -24,7 +26,6 @@ def space(dtype: str) -> list[Config]:
     return table(names, [
         (128, 128, 64, 8, 8, 3),
         (64, 128, 64, 8, 8, 3),
-        (64, 64, 64, 8, 4, 3),
         (32, 64, 64, 8, 4, 4),  # few rows per expert (decode, many experts)
     ])
 
@@ -67,8 +68,9 @@ _PLAIN = frozenset({"M", "E", "R_MAX", "SLOTS", "TILES", "stride_tm", "stride_as
 
 EXPERT_LORA_MATMUL = register(KernelSpec(
     name="expert_lora_matmul", fn=_expert_lora_matmul_kernel, key=("N", "K", "R", "M"),
-    # On sm_90 the 16-bit fused launches take expert_lora_matmul_tma; this kernel the rest (dropout,
-    # mixed batches, ranks over 64, operands TMA cannot address), so its defaults are compiled there too.
+    # The fused case (FUSE_SHRINK). On sm_90 its 16-bit launches take expert_lora_matmul_tma (this kernel
+    # only for operands TMA cannot address), so its sm_90 default picks are the fp32 ones.
+    picked=lambda dtype, cc: cc < 90 or dtype == "float32",
     space=space, prune=prune, default=default, rank_blocked=True, rank_cap=RANK_CAP,
     variants=(
         # The layer's [E, in, out] weight: unit stride along N.
@@ -81,6 +83,14 @@ EXPERT_LORA_MATMUL = register(KernelSpec(
                    flags={"HAS_BIAS": False, "FUSE_SHRINK": True, "HAS_DROPOUT": False},
                    ones=frozenset({"stride_xk", "stride_wk", "stride_tr", "stride_bn", "stride_yn"}),
                    plain=_PLAIN),
+    )))
+
+# The same kernel without the fused shrink (dropout, ranks over 64, mixed batches; on every target):
+# t is read and each adapter run expanded in rank steps of 16, so BLOCK_R is a constant, not the rank.
+EXPERT_LORA_RUNS = register(KernelSpec(
+    name="expert_lora_matmul_runs", fn=_expert_lora_matmul_kernel, key=("N", "K", "M"),
+    space=space, prune=prune, default=default, constants={"BLOCK_R": 16},
+    variants=(
         # A mixed batch (y, serving): t from the multi-adapter shrink, every adapter run of the tile expanded.
         AotVariant("forward (y), mixed batch, runs expanded, bias on", pointers=_PTRS,
                    flags={"HAS_BIAS": True, "FUSE_SHRINK": False, "HAS_DROPOUT": False},
@@ -102,7 +112,6 @@ def tma_space(dtype: str) -> list[Config]:
     return table(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
         (128, 128, 64, 8, 8, 3),
         (64, 128, 64, 8, 8, 3),
-        (64, 64, 64, 8, 4, 4),
     ])
 
 
@@ -124,12 +133,9 @@ def default_tma(dtype: str, cc, dims: dict) -> Config:
         return Config.make(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
     by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c
                for c in prune_tma(tma_space(dtype), dtype, cc, min(rank_block(dims["R"]), RANK_CAP))}
-    M = dims["M"]
-    if M >= 256 and (128, 128) in by_tile:
+    if dims["M"] >= 256 and (128, 128) in by_tile:
         return by_tile[(128, 128)]
-    if M >= 64:
-        return by_tile[(64, 128)]
-    return by_tile[(64, 64)]
+    return by_tile[(64, 128)]  # few rows per expert too: a 64-row tile is wgmma's smallest at 8 warps
 
 
 _TMA_PTRS = {"x_ptr": "x", "w_ptr": "x", "bias_ptr": "x", "tile_e_ptr": "i32", "tile_row_ptr": "i32",

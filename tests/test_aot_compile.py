@@ -93,8 +93,9 @@ def _check_sass(rows):
             assert r["sass"]["HGMMA"] > 0 and r["sass"]["UTMALDG"] > 0, (r["kernel"], r["variant"], r["sass"])
         if r["kernel"] == "lora_matmul_tma":
             assert r["sass"]["UTMASTG"] > 0, ("y is stored through TMA", r["variant"], r["sass"])
-        if r["kernel"] == "expert_lora_matmul" and r["dtype"] != "float32" and r["config"]["BLOCK_M"] >= 64:
+        if r["kernel"] in ("expert_lora_matmul", "expert_lora_matmul_runs") and r["dtype"] != "float32" \
+                and r["config"]["BLOCK_M"] >= 64:
             # each expert's GEMM on wgmma (operands through cp.async: a row tile ends at its expert's end)
             assert r["sass"]["HGMMA"] > 0 and r["sass"]["LDGSTS"] > 0, (r["variant"], r["config"], r["sass"])
     assert {r["kernel"] for r in defaults} >= {"lora_matmul_tma", "multi_lora_matmul_tma", "lora_dy", "lora_x",
-                                               "expert_lora_matmul", "expert_lora_matmul_tma"}
+                                               "expert_lora_matmul", "expert_lora_matmul_runs", "expert_lora_matmul_tma"}

@@ -124,3 +124,24 @@ def test_lora_on_a_converted_hf_block():
 def test_bad_arguments(kw, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         LAYERS["topk-gated"]("padded").add_expert_lora(**kw)
+
+
+def test_disable_adapter_and_merge_and_unload_cover_expert_adapters():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(LAYERS["topk-gated"]("padded"))
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        base = model(x)
+        _lora(model[0])
+        model[0].backend = "triton"
+        adapted = model(x)
+        assert not torch.allclose(adapted, base)
+        for merged in (False, True):
+            if merged:
+                model[0].merge_expert_lora()
+            with pk.disable_adapter(model):
+                torch.testing.assert_close(model(x), base, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-4)
+        pk.merge_and_unload(model)
+        assert len(model[0].experts.lora) == 0 and not model[0].experts.lora_merged
+        torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-4)

@@ -225,12 +225,18 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain layer
-    (``nn.Linear`` / ``Conv1D``) back: PEFT's ``merge_and_unload``. The
-    ``modules_to_save`` keep their trained weights. Returns ``model``."""
+    (``nn.Linear`` / ``Conv1D``) back: PEFT's ``merge_and_unload``. Expert
+    adapters (``add_expert_lora``) are folded into their experts and
+    removed. The ``modules_to_save`` keep their trained weights. Returns ``model``."""
     for name, layer in _lora_layers(model).items():
         if not layer.merged:
             layer.merge()
         set_submodule(model, name, layer.base_linear())
+    for ex in expert_files.expert_modules(model).values():  # expert adapters: folded into the experts, dropped
+        if len(ex.lora):
+            ex.merge_lora()
+            ex.lora = torch.nn.ModuleDict()
+            ex.lora_merged = False
     model.__dict__.pop(_ORIGINALS, None)
     return model
 
@@ -238,13 +244,20 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """Inside the block the model is its base: every LoRA layer runs its
-    base layer alone and every ``modules_to_save`` module its original
-    weights (PEFT's ``disable_adapter()``, e.g. for DPO's reference model)."""
+    base layer alone, every MoE layer its experts without their adapters,
+    and every ``modules_to_save`` module its original weights (PEFT's
+    ``disable_adapter()``, e.g. for DPO's reference model)."""
     layers = list(_lora_layers(model).values())
+    experts = list(expert_files.expert_modules(model).values())
     originals = model.__dict__.get(_ORIGINALS, {})
     trained = {n: model.get_submodule(n) for n in originals}
     for layer in layers:
         layer.disabled = True
+    remerge = [ex for ex in experts if ex.lora_merged]
+    for ex in remerge:  # a merged expert adapter is in the weights: take it out for the block
+        ex.unmerge_lora()
+    for ex in experts:
+        ex.lora_enabled = False
     for n, original in originals.items():
         set_submodule(model, n, original.to(next(trained[n].parameters()).device))
     try:
@@ -252,6 +265,10 @@ def disable_adapter(model: nn.Module):
     finally:
         for layer in layers:
             layer.disabled = False
+        for ex in experts:
+            ex.lora_enabled = True
+        for ex in remerge:
+            ex.merge_lora()
         for n, module in trained.items():
             set_submodule(model, n, module)
 

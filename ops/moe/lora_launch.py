@@ -29,7 +29,7 @@ from torch import Tensor
 import os
 
 from ...autotune.cache import select_config
-from ...autotune.moe_lora import EXPERT_LORA_MATMUL, EXPERT_LORA_MATMUL_TMA, RANK_CAP
+from ...autotune.moe_lora import EXPERT_LORA_MATMUL, EXPERT_LORA_MATMUL_TMA, EXPERT_LORA_RUNS, RANK_CAP
 from ..backend import (GEMM_VAR, aligned, compute_capability, device_info, ensure_tma_allocator, num_sms, on_device,
                        tma_addressable, tma_row_stride)
 from ..common import cdiv, dtype_name
@@ -97,12 +97,14 @@ def expert_matmul(x: Tensor, w: Tensor, bias: Optional[Tensor], ends: Tensor, y:
         if plan is not None:
             _expert_matmul_tma(x, w, bias, ends, y, t, b, stack, plan, dims)
             return
-    cfg = select_config(EXPERT_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device), **dims)
-    block_r = EXPERT_LORA_MATMUL.block_r(stack.max_rank)
-    tile_e, tile_row, tiles = tile_table(ends, M, cfg["BLOCK_M"])
     fused = a is not None
+    spec = EXPERT_LORA_MATMUL if fused else EXPERT_LORA_RUNS
+    if not fused:
+        dims.pop("R")
+    cfg = select_config(spec, dtype_name(x.dtype), device_info(x.device), **dims)
+    tile_e, tile_row, tiles = tile_table(ends, M, cfg["BLOCK_M"])
     grid = (tiles * cdiv(N, cfg["BLOCK_N"]),)
-    EXPERT_LORA_MATMUL.fn[grid](
+    spec.fn[grid](
         x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else y, tile_e_ptr=tile_e, tile_row_ptr=tile_row,
         ends_ptr=ends, sid_ptr=sid if sid is not None else tile_e, a_ptr=a.data if fused else x,
         t_ptr=t, b_ptr=b.data, rank_ptr=stack.ranks, scale_ptr=stack.scales, y_ptr=y,
@@ -116,7 +118,8 @@ def expert_matmul(x: Tensor, w: Tensor, bias: Optional[Tensor], ends: Tensor, y:
         stride_tm=t.stride(0), stride_tr=t.stride(1),
         stride_bs=b.stride_s, stride_bn=b.stride_r, stride_br=b.stride_c,
         stride_ym=y.stride(0), stride_yn=y.stride(1),
-        HAS_BIAS=bias is not None, FUSE_SHRINK=fused, **EXPERT_LORA_MATMUL.launch_kwargs(cfg, block_r))
+        HAS_BIAS=bias is not None, FUSE_SHRINK=fused,
+        **(spec.launch_kwargs(cfg, spec.block_r(stack.max_rank)) if fused else spec.launch_kwargs(cfg)))
 
 
 def _tma_plan(x: Tensor, w: Tensor, a: SlotMatrix, R: int):
