@@ -206,6 +206,15 @@ def tma_row_stride(cols: int, dtype: torch.dtype) -> int:
     return -(-cols // per) * per
 
 
+def descriptor_copy(a: torch.Tensor, dtype: torch.dtype, row_stride: int) -> torch.Tensor:
+    """``a`` (any leading dims, rows along the last) in ``dtype``, in fresh storage with rows
+    ``row_stride`` elements apart (a new allocation: its base is aligned, unlike an offset view
+    that ``.to`` would return as is): what a tensor descriptor reads when ``a`` itself cannot be."""
+    out = torch.empty((*a.shape[:-1], row_stride), device=a.device, dtype=dtype)[..., :a.shape[-1]]
+    out.copy_(a)
+    return out
+
+
 def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:
     # The launchers run with their tensors' device current (``on_device``): the scratch goes there.
     return torch.empty(size, device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.int8)

@@ -38,8 +38,8 @@ from torch import Tensor
 
 from ...autotune.cache import RESET_HOOKS, select_config
 from ...autotune.lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X, MATMUL_BLOCK_R
-from ..backend import (GEMM_VAR, device_info, ensure_tma_allocator, gemm_path, misalignment, num_sms, on_device,
-                       tma_addressable, tma_row_stride)
+from ..backend import (GEMM_VAR, descriptor_copy, device_info, ensure_tma_allocator, gemm_path, misalignment,
+                       num_sms, on_device, tma_addressable, tma_row_stride)
 from ..common import cdiv, dtype_name
 from ..dropout import dropout_threshold
 
@@ -164,14 +164,6 @@ def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
     return _Plan((shrink, gemm), {"tma": path == "tma", "a_stride": a_stride})
 
 
-def _descriptor_copy(a: Tensor, dtype: torch.dtype, row_stride: int) -> Tensor:
-    """``a`` [R, K] in ``dtype``, in fresh storage with rows ``row_stride`` apart (a new
-    allocation: its base is aligned, unlike an offset view that ``.to`` would return as is)."""
-    out = torch.empty((a.shape[0], row_stride), device=a.device, dtype=dtype)[:, :a.shape[1]]
-    out.copy_(a)
-    return out
-
-
 @on_device
 def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]."""
@@ -192,7 +184,7 @@ def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     if plan.info["tma"]:
         ensure_tma_allocator()
         a_stride = plan.info["a_stride"]
-        a16 = lora_a if a_stride is None else _descriptor_copy(lora_a, x.dtype, a_stride)
+        a16 = lora_a if a_stride is None else descriptor_copy(lora_a, x.dtype, a_stride)
         gemm(x, weight, t, lora_b, a16, bias_t, y, y, float(scale))
     else:
         gemm(x, weight, t, lora_b, bias_t, y, y, float(scale))

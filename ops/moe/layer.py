@@ -134,22 +134,27 @@ class Experts(nn.Module):
     def forward(self, h: torch.Tensor, offs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``h [E, C, d]`` → ``[E, C, d]`` (batched GEMMs over every slot),
         or, with ``offs``, ``h [M, d]`` packed by expert (``grouped.py``) →
-        ``[M, d]`` as grouped GEMMs over the kept rows only."""
-        if self._lora_active():
-            return self._forward_lora(h, offs)
+        ``[M, d]`` as grouped GEMMs over the kept rows only. A projection with
+        an active adapter (``add_lora``) runs ``expert_lora_linear`` instead,
+        over the packed rows (the padded layout as E runs of C rows)."""
         if offs is None:
             mm = self._mm
         else:
             rows = grouped.row_experts(offs, h.shape[0]) if self.b2 is not None else None
             mm = lambda a, w, b: grouped.grouped_linear(a, w, offs, b, rows)  # noqa: E731
+        projs = self.projections()
+        if self._lora_active():
+            proj = self._lora_projection(h, offs, mm, projs)
+        else:
+            proj = lambda x, name, i: mm(x, projs[name][0][i], projs[name][1][i])  # noqa: E731
         if self.gated:
-            gate, up = mm(h, self.w_gate, self.b_gate), mm(h, self.w_up, self.b_up)
+            gate, up = proj(h, "gate_up", 0), proj(h, "gate_up", 1)
             a = self.act(gate, up) if getattr(self.act, "takes_gate_and_up", False) else self.act(gate) * up
         else:
-            a = self.act(mm(h, self.w1, self.b1))
+            a = self.act(proj(h, "gate_up", 0))
         if self.dropout_position == "hidden":
-            return mm(self.dropout(a), self.w2, self.b2)
-        return self.dropout(mm(a, self.w2, self.b2))
+            return proj(self.dropout(a), "down", 0)
+        return self.dropout(proj(a, "down", 0))
 
     # ---- LoRA on the experts
     lora_merged: bool = False
@@ -164,22 +169,14 @@ class Experts(nn.Module):
     def _lora_active(self) -> bool:
         return len(self.lora) > 0 and not self.lora_merged and self.lora_enabled
 
-    def _forward_lora(self, h: torch.Tensor, offs: Optional[torch.Tensor]) -> torch.Tensor:
-        """The experts with LoRA on their projections: each adapted projection
-        one ``expert_lora_linear`` over packed rows (the padded layout
-        [E, C, d] as E runs of C rows), the others as without LoRA."""
-        if offs is None:
-            E, C = h.shape[0], h.shape[1]
-            ends = torch.arange(1, E + 1, device=h.device, dtype=torch.int32) * C
-            mm = self._mm
-        else:
-            ends = offs
-            rows = grouped.row_experts(offs, h.shape[0]) if self.b2 is not None else None
-            mm = lambda a, w, b: grouped.grouped_linear(a, w, offs, b, rows)  # noqa: E731
+    def _lora_projection(self, h: torch.Tensor, offs: Optional[torch.Tensor], mm, projs: dict):
+        """``proj(x, target, index)``: projection ``index`` of ``target`` (gate 0 and up 1 of
+        ``gate_up``), through ``expert_lora_linear`` where the target has an adapter, else ``mm``."""
+        ends = offs if offs is not None else \
+            torch.arange(1, h.shape[0] + 1, device=h.device, dtype=torch.int32) * h.shape[1]
 
         def proj(x, name, index):
-            ws, bs = self.projections()[name]
-            w, b = ws[index], bs[index]
+            w, b = projs[name][0][index], projs[name][1][index]
             if name not in self.lora:
                 return mm(x, w, b)
             ad = self.lora[name]
@@ -189,15 +186,7 @@ class Experts(nn.Module):
             y = expert_lora_linear(x.reshape(-1, x.shape[-1]), w, ends, ad.lora_A, lora_b, ad.scales, b, p,
                                    ranks=ad.ranks, backend=self.backend)
             return y.reshape(*x.shape[:-1], width)
-
-        if self.gated:
-            gate, up = proj(h, "gate_up", 0), proj(h, "gate_up", 1)
-            a = self.act(gate, up) if getattr(self.act, "takes_gate_and_up", False) else self.act(gate) * up
-        else:
-            a = self.act(proj(h, "gate_up", 0))
-        if self.dropout_position == "hidden":
-            return proj(self.dropout(a), "down", 0)
-        return self.dropout(proj(a, "down", 0))
+        return proj
 
     def add_lora(self, r: int, alpha: float, targets=EXPERT_LORA_TARGETS, dropout: float = 0.0,
                  rank_pattern: Optional[dict] = None, alpha_pattern: Optional[dict] = None,

@@ -20,22 +20,23 @@ from torch import Tensor
 from ..backend import call_op, check_backend, use_triton
 from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values, is_fp32_number, linear_autocast
 from .lora_launch import expert_lora_bwd_triton, expert_lora_fwd_triton, expert_lora_mixed_triton
-from .reference import expert_lora_bwd_ref, expert_lora_fwd_ref, expert_lora_mixed_ref
+from .reference import expert_lora_bwd_ref, expert_lora_fwd_ref, expert_lora_mixed_ref, expert_rows
 
 WEIGHT_LAYOUTS = ("in_out", "out_in")
 
 
 # ---------------------------------------------------------------- ops
-def expert_lora_fwd_impl(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor, scales: Tensor,
-             bias: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+def expert_lora_fwd_impl(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
+                         scales: Tensor, bias: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+                         backend: str) -> tuple[Tensor, Tensor]:
     """(y [M, N], t [M, R] fp32); weight read as [E, K, N]."""
     impl = expert_lora_fwd_triton if use_triton(x.device, backend) else expert_lora_fwd_ref
     return impl(x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p, seed)
 
 
-def expert_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor, ranks: Tensor,
-             scales: Tensor, t: Tensor, dropout_p: float, seed: Optional[Tensor], needs_dx: bool, needs_dbias: bool,
-             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def expert_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, lora_b: Tensor,
+                         ranks: Tensor, scales: Tensor, t: Tensor, dropout_p: float, seed: Optional[Tensor],
+                         needs_dx: bool, needs_dbias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx or empty, dA [E, R, K], dB [E, N, R], dbias [E, N] or empty), gradients in fp32."""
     impl = expert_lora_bwd_triton if use_triton(dy.device, backend) else expert_lora_bwd_ref
     return impl(dy, x, weight, ends, lora_a, lora_b, ranks, scales, t, dropout_p, seed, needs_dx, needs_dbias)
@@ -48,10 +49,10 @@ def expert_lora_mixed_impl(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tens
     return impl(x, weight, ends, lora_a, lora_b, ranks, scales, adapter_ids, bias)
 
 
-expert_lora_fwd = torch.library.custom_op("posttrain_kernels::expert_lora_fwd", mutates_args=())(expert_lora_fwd_impl)
-expert_lora_bwd = torch.library.custom_op("posttrain_kernels::expert_lora_bwd", mutates_args=())(expert_lora_bwd_impl)
-
-
+expert_lora_fwd = torch.library.custom_op("posttrain_kernels::expert_lora_fwd",
+                                          mutates_args=())(expert_lora_fwd_impl)
+expert_lora_bwd = torch.library.custom_op("posttrain_kernels::expert_lora_bwd",
+                                          mutates_args=())(expert_lora_bwd_impl)
 expert_lora_mixed = torch.library.custom_op("posttrain_kernels::expert_lora_mixed",
                                             mutates_args=())(expert_lora_mixed_impl)
 
@@ -85,8 +86,8 @@ class ExpertLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p, seed, backend):
-        y, t = call_op(expert_lora_fwd, expert_lora_fwd_impl, x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p,
-                       seed, backend)
+        y, t = call_op(expert_lora_fwd, expert_lora_fwd_impl, x, weight, ends, lora_a, lora_b, ranks, scales, bias,
+                       dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, ends, lora_a, lora_b, ranks, scales, t, seed)
         ctx.dropout_p, ctx.backend = dropout_p, backend
         ctx.bias_shape = None if bias is None else bias.shape
@@ -96,8 +97,8 @@ class ExpertLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, ends, lora_a, lora_b, ranks, scales, t, seed = ctx.saved_tensors
         needs_dx, needs_dw, needs_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
-        dx, da, db, dbias = call_op(expert_lora_bwd, expert_lora_bwd_impl, dy, x, weight, ends, lora_a, lora_b, ranks, scales, t,
-                                    ctx.dropout_p, seed, needs_dx, needs_dbias, ctx.backend)
+        dx, da, db, dbias = call_op(expert_lora_bwd, expert_lora_bwd_impl, dy, x, weight, ends, lora_a, lora_b, ranks,
+                                    scales, t, ctx.dropout_p, seed, needs_dx, needs_dbias, ctx.backend)
         dw = _weight_grad(x, dy, ends, weight) if needs_dw else None
         return (dx if needs_dx else None, dw, None, da.to(lora_a.dtype), db.to(lora_b.dtype), None, None,
                 dbias.reshape(ctx.bias_shape).to(dy.dtype) if needs_dbias else None, None, None, None)
@@ -106,15 +107,30 @@ class ExpertLoRAFunction(torch.autograd.Function):
 def _weight_grad(x: Tensor, dy: Tensor, ends: Tensor, weight: Tensor) -> Tensor:
     """dW_e = x_eᵀ·dY_e per expert (fp32 sums), shaped as ``weight`` [E, K, N]."""
     dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-    lo = 0
-    for e, end in enumerate(ends.clamp(0, x.shape[0]).tolist()):
-        hi = max(lo, end)
+    for e, lo, hi in expert_rows(ends, x.shape[0]):
         dw[e] = x[lo:hi].float().t() @ dy[lo:hi].float()
-        lo = hi
     return dw.to(weight.dtype)
 
 
 # ---------------------------------------------------------------- functional
+def _in_out(x, weight, bias, weight_layout: str):
+    """``(x, weight as [E, in, out], bias, autocast context)``: ``nn.Linear``'s autocast rule
+    (``linear_autocast``), then transformers' ``[E, out, in]`` read as a transposed view."""
+    check(weight_layout in WEIGHT_LAYOUTS, "weight_layout", f"expected one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    x, weight, bias, autocast_off = linear_autocast(x, weight, bias)
+    if isinstance(weight, Tensor) and weight.dim() == 3 and weight_layout == "out_in":
+        weight = weight.transpose(1, 2)
+    return x, weight, bias, autocast_off
+
+
+def _outside_autocast(autocast_off, fn, *args):
+    """``fn(*args)``, inside ``autocast_off`` (the op's internals without autocast) when there is one."""
+    if autocast_off is None:
+        return fn(*args)
+    with autocast_off:
+        return fn(*args)
+
+
 def check_expert_lora_args(x, weight, ends, lora_a, lora_b, scale, bias, dropout_p, ranks) -> None:
     """Raise ValueError naming the bad argument, before any kernel runs.
     ``weight`` is already ``[E, K, N]`` here."""
@@ -182,10 +198,7 @@ def expert_lora_linear(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, 
     (regenerated from ``dropout_seed`` in the backward, never stored).
     Deterministic: no atomics anywhere; an expert with no rows gets exact
     zero adapter gradients."""
-    check(weight_layout in WEIGHT_LAYOUTS, "weight_layout", f"expected one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
-    x, weight, bias, autocast_off = linear_autocast(x, weight, bias)
-    if isinstance(weight, Tensor) and weight.dim() == 3 and weight_layout == "out_in":
-        weight = weight.transpose(1, 2)
+    x, weight, bias, autocast_off = _in_out(x, weight, bias, weight_layout)
     if ranks is not None and not isinstance(ranks, Tensor):
         ranks = torch.tensor(list(ranks), dtype=torch.int32, device=x.device)
     check_expert_lora_args(x, weight, ends, lora_a, lora_b, scale, bias, dropout_p, ranks)
@@ -205,11 +218,8 @@ def expert_lora_linear(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, 
             0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
         check(isinstance(seed, Tensor) and seed.dtype == torch.int32 and seed.numel() == 1
               and seed.device == x.device, "dropout_seed", "expected an int32 [1] tensor on x's device")
-    args = (x, weight, ends, lora_a, lora_b, ranks, scales, bias, dropout_p, seed, backend)
-    if autocast_off is None:
-        return ExpertLoRAFunction.apply(*args)
-    with autocast_off:
-        return ExpertLoRAFunction.apply(*args)
+    return _outside_autocast(autocast_off, ExpertLoRAFunction.apply, x, weight, ends, lora_a, lora_b, ranks, scales,
+                             bias, dropout_p, seed, backend)
 
 
 def peft_expert_factors(lora_a_weight: Tensor, lora_b_weight: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -241,10 +251,7 @@ def expert_lora_mixed(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, l
     ``[S, E]`` (None: r). Inference: no gradient (``ValueError`` if one would
     be needed). A row's output depends only on its expert and its own slot:
     a NaN in another slot's adapter never reaches it."""
-    check(weight_layout in WEIGHT_LAYOUTS, "weight_layout", f"expected one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
-    x, weight, bias, autocast_off = linear_autocast(x, weight, bias)
-    if isinstance(weight, Tensor) and weight.dim() == 3 and weight_layout == "out_in":
-        weight = weight.transpose(1, 2)
+    x, weight, bias, autocast_off = _in_out(x, weight, bias, weight_layout)
     check(isinstance(lora_a, Tensor) and lora_a.dim() == 4, "lora_a",
           f"expected [slots, experts, r, in], got {tuple(getattr(lora_a, 'shape', ()))}")
     check(isinstance(lora_b, Tensor) and lora_b.dim() == 4, "lora_b",
@@ -277,9 +284,6 @@ def expert_lora_mixed(x: Tensor, weight: Tensor, ends: Tensor, lora_a: Tensor, l
     ends = ends.to(torch.int32).contiguous()
     if bias is not None:
         bias = bias.reshape(E, weight.shape[2])
-    args = (x, weight, ends, lora_a, lora_b, ranks.contiguous(), scales.contiguous(), adapter_ids.to(torch.int64),
-            bias, check_backend(backend))
-    if autocast_off is None:
-        return call_op(expert_lora_mixed, expert_lora_mixed_impl, *args)
-    with autocast_off:
-        return call_op(expert_lora_mixed, expert_lora_mixed_impl, *args)
+    return _outside_autocast(autocast_off, call_op, expert_lora_mixed, expert_lora_mixed_impl, x, weight, ends, lora_a,
+                             lora_b, ranks.contiguous(), scales.contiguous(), adapter_ids.to(torch.int64), bias,
+                             check_backend(backend))

@@ -21,17 +21,16 @@ deterministic) and the row-order tables come from ``ops/multi_lora/launch.py``.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-import os
-
 from ...autotune.cache import select_config
 from ...autotune.moe_lora import EXPERT_LORA_MATMUL, EXPERT_LORA_MATMUL_TMA, EXPERT_LORA_RUNS, RANK_CAP
-from ..backend import (GEMM_VAR, aligned, compute_capability, device_info, ensure_tma_allocator, num_sms, on_device,
-                       tma_addressable, tma_row_stride)
+from ..backend import (GEMM_VAR, aligned, compute_capability, descriptor_copy, device_info, ensure_tma_allocator,
+                       num_sms, on_device, tma_addressable, tma_row_stride)
 from ..common import cdiv, dtype_name
 from ..dropout import multi_dropout_tables
 from ..multi_lora.launch import AdapterStack, RowOrder, SlotMatrix, _bounds, grad, shrink
@@ -145,10 +144,7 @@ def _tma_plan(x: Tensor, w: Tensor, a: SlotMatrix, R: int):
     a3 = torch.as_strided(a.data, (E, R, K), (a.stride_s, a.stride_r, a.stride_c))
     if not (a3.dtype == x.dtype and a3.stride(2) == 1 and a3.stride(1) >= K and aligned(a3)
             and (a3.stride(1) * es) % 16 == 0 and (a3.stride(0) * es) % 16 == 0):
-        row = tma_row_stride(K, x.dtype)
-        buf = torch.empty((E, R, row), device=x.device, dtype=x.dtype)
-        buf[:, :, :K].copy_(a3)
-        a3 = buf[:, :, :K]
+        a3 = descriptor_copy(a3, x.dtype, tma_row_stride(K, x.dtype))
     return w_nmajor, stride_w, a3
 
 

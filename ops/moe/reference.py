@@ -63,7 +63,7 @@ def moe_combine_bwd_ref(dy: torch.Tensor, expert_out: torch.Tensor, token_idx: t
 
 
 # ---------------------------------------------------------------- LoRA on experts
-def _expert_rows(ends: torch.Tensor, M: int):
+def expert_rows(ends: torch.Tensor, M: int):
     """(expert, first row, end row) of each expert's packed rows."""
     lo = 0
     for e, end in enumerate(ends.clamp(0, M).tolist()):
@@ -93,7 +93,7 @@ def expert_lora_fwd_ref(x, weight, ends, lora_a, lora_b, ranks, scales, bias, dr
     y = torch.zeros((M, weight.shape[2]), device=x.device, dtype=acc)
     t = torch.zeros((M, R), device=x.device, dtype=torch.float32 if acc == torch.float32 else acc)
     xf = x.to(acc)
-    for e, lo, hi in _expert_rows(ends, M):
+    for e, lo, hi in expert_rows(ends, M):
         r = min(max(int(ranks[e]), 0), R)
         te = _expert_dropped(xf, lo, hi, dropout_p, seed) @ lora_a[e, :r].to(acc).t()
         t[lo:hi, :r] = te.to(t.dtype)
@@ -117,7 +117,7 @@ def expert_lora_bwd_ref(dy, x, weight, ends, lora_a, lora_b, ranks, scales, t, d
     db = torch.zeros((E, N, R), device=x.device, dtype=gd)
     dbias = torch.zeros((E, N), device=x.device, dtype=gd)
     dyf, xf = dy.to(acc), x.to(acc)
-    for e, lo, hi in _expert_rows(ends, M):
+    for e, lo, hi in expert_rows(ends, M):
         r = min(max(int(ranks[e]), 0), R)
         s = float(scales[e])
         dte = dyf[lo:hi] @ lora_b[e, :, :r].to(acc)
@@ -143,7 +143,7 @@ def expert_lora_mixed_ref(x, weight, ends, lora_a, lora_b, ranks, scales, adapte
     acc = torch.promote_types(x.dtype, torch.float32)
     y = torch.zeros((M, weight.shape[2]), device=x.device, dtype=acc)
     xf = x.to(acc)
-    for e, lo, hi in _expert_rows(ends, M):
+    for e, lo, hi in expert_rows(ends, M):
         ye = xf[lo:hi] @ weight[e].to(acc)
         if bias is not None:
             ye = ye + bias[e].to(acc)
