@@ -18,6 +18,13 @@ Public API:
   ``moe_combine``, the layers ``ExpertChoiceMoE`` and ``TopKMoE``, and sparse
   upcycling with ``upcycle_mlp`` / ``upcycle_model``; expert parallelism with
   ``layer.shard_experts(group)`` and ``expert_parallel_parameter_names``.
+* Quantized frozen bases (QLoRA): ``lora_linear`` / ``multi_lora_linear``
+  take an ``NF4Weight`` (bitsandbytes' 4-bit storage, decoded inside the
+  kernels); ``LoRALinear.from_linear`` / ``apply_lora`` / ``AdapterPool`` /
+  ``patch_peft`` accept bitsandbytes' ``Linear4bit`` (``QLoRALinear``,
+  ``QMultiLoRALinear``); ``quantize_nf4`` (bitsandbytes' codes bit for bit),
+  ``dequantize_nf4``, ``from_bnb``, ``QuantLinear`` / ``quantize_model`` (4-bit
+  layers without bitsandbytes), ``dequantize_weight``.
 * LoRA on MoE experts: ``layer.add_expert_lora(...)``, ``expert_lora_linear``
   (each expert's GEMM with its adapter fused in, forward and backward),
   ``ExpertLoRAFunction``, ``expert_lora_mixed`` (a mixed batch of expert
@@ -26,12 +33,15 @@ Public API:
 """
 from .ops.adapters import (AdapterPool, apply_lora, disable_adapter, fsdp_auto_wrap_policy, load_adapter,
                           merge_and_unload, patch_peft, save_adapter, unpatch_peft)
-from .ops.lora import LoRAColwiseParallel, LoRALinear, LoRALinearFunction, LoRARowwiseParallel, lora_linear
+from .ops.lora import (LoRAColwiseParallel, LoRALinear, LoRALinearFunction, LoRARowwiseParallel, QLoRALinear,
+                       lora_linear)
 from .ops.moe import (ExpertChoiceMoE, ExpertLoRAFunction, MoECombineFunction, MoEDispatchFunction, TopKMoE, capacity_from_factor,
                       convert_moe, expert_choice_route, expert_parallel_parameter_names, load_balancing_loss,
                       expert_lora_linear, expert_lora_mixed, moe_combine, moe_dispatch, peft_expert_factors,
                       router_z_loss, select_experts, topk_route, upcycle_mlp, upcycle_model)
-from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, multi_lora_linear
+from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, QMultiLoRALinear, multi_lora_linear
+from .ops.quant import NF4Weight, dequantize_nf4, dequantize_weight, from_bnb, quantize_nf4
+from .ops.quant.layer import QuantLinear, quantize_model
 
 __version__ = "0.1.0"
 __all__ = [
@@ -46,6 +56,9 @@ __all__ = [
     "expert_choice_route", "topk_route", "select_experts", "capacity_from_factor", "router_z_loss",
     "load_balancing_loss", "moe_dispatch", "moe_combine", "MoEDispatchFunction", "MoECombineFunction",
     "ExpertChoiceMoE", "TopKMoE", "convert_moe", "upcycle_mlp", "upcycle_model", "expert_parallel_parameter_names",
+    # quantized frozen bases
+    "NF4Weight", "quantize_nf4", "dequantize_nf4", "from_bnb", "QuantLinear", "quantize_model", "dequantize_weight",
+    "QLoRALinear", "QMultiLoRALinear",
     # LoRA on MoE experts
     "expert_lora_linear", "ExpertLoRAFunction", "expert_lora_mixed", "peft_expert_factors",
     "__version__",

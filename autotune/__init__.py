@@ -10,6 +10,6 @@ if __name__ != "posttrain_kernels.autotune":  # the checkout's folder imported b
     import runpy as _runpy
     _runpy.run_path(_os.path.join(_os.path.dirname(__file__), _os.pardir, "_unshadow.py"))["resolve"](__name__, __file__)
 else:
-    from . import lora, moe, moe_lora, multi_lora  # noqa: F401  (register every kernel's spec)
+    from . import lora, moe, moe_lora, multi_lora, quant  # noqa: F401  (register every kernel's spec)
     from .config import MAX_RANK, Config, rank_block  # noqa: F401
     from .registry import REGISTRY, AotVariant, KernelSpec  # noqa: F401

@@ -64,7 +64,8 @@ class KernelSpec:
     the kernel holds the whole rank in one ``BLOCK_R`` tile derived from the
     rank (not a config entry), so the space is per rank block. ``constants``:
     constexprs fixed for every launch. ``floats``: the fp32 scalar arguments
-    (every other non-pointer argument is an integer).
+    (every other non-pointer argument is an integer). ``options``: compile
+    options of every launch and of the AOT compile (``enable_fp_fusion``).
     """
 
     name: str
@@ -80,6 +81,7 @@ class KernelSpec:
     layouts: tuple = ()  # the values of the key's ``layout`` dimension, if it has one
     rank_cap: int = RANK_BLOCKS[-1]  # rank-blocked kernels: the widest rank tile (larger ranks: more programs)
     picked: Callable = lambda dtype, cc: True  # whether the launchers run this kernel for dtype on cc
+    options: dict = dataclasses.field(default_factory=dict)  # compile options of every launch (enable_fp_fusion)
 
     def block_r(self, R: int) -> int:
         """The rank tile of a rank-blocked kernel at rank R: R padded to a
@@ -127,7 +129,7 @@ class KernelSpec:
     def launch_kwargs(self, cfg: Config, block_r: Optional[int] = None) -> dict:
         """Keyword arguments of a launch: the config, the spec's constants and
         (rank-blocked kernels) ``BLOCK_R``."""
-        kw = {**cfg.launch_kwargs(), **self.constants}
+        kw = {**cfg.launch_kwargs(), **self.constants, **self.options}
         if self.rank_blocked:
             kw["BLOCK_R"] = block_r
         return kw

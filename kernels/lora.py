@@ -124,6 +124,45 @@ def _epilogue_part(acc, rows, cols, t_ptr, stride_tm, stride_tr, u_ptr, stride_u
 
 
 @triton.jit
+def lora_store(acc, t, offs_m, offs_n, pid_n, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur, bias_ptr,
+               y_ptr, stride_ym, stride_yn, seed_ptr, M, N, R, scale, drop_threshold,
+               HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The epilogue of a pointer-store LoRA GEMM tile (rows ``offs_m``, columns ``offs_n``, column
+    block ``pid_n``): y = acc + scale·t·uᵀ (⊙ keep/(1-p)) + bias, cast and stored under a mask.
+
+    The low-rank term is cdiv(R, BLOCK_R) more reduction steps into acc (one at r = 16), or with
+    FUSE_SHRINK one step from the fp32 rank tile ``t`` the main loop accumulated (the first column
+    block also writes t, unscaled, for the backward). With dropout (dx) the masked term is computed
+    per column quarter (``_epilogue_part``): a whole-tile masked term needs a second tile-sized
+    accumulator, and spills."""
+    dtype: tl.constexpr = y_ptr.dtype.element_ty
+    mask_m = offs_m < M
+    if FUSE_SHRINK:
+        if pid_n == 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            tl.store(t_ptr + offs_m[:, None].to(tl.int64) * stride_tm + offs_r[None, :] * stride_tr, t,
+                     mask=mask_m[:, None] & (offs_r < R)[None, :])
+    y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        QUARTER: tl.constexpr = BLOCK_N // 4
+        parts = column_quarters(acc, BLOCK_M, BLOCK_N)
+        for q in tl.static_range(4):
+            qcols = pid_n * BLOCK_N + q * QUARTER + tl.arange(0, QUARTER)
+            y = _epilogue_part(parts[q], offs_m, qcols, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur,
+                               bias_ptr, seed, M, N, R, scale, drop_threshold, dtype, HAS_BIAS, HAS_DROPOUT, BLOCK_R)
+            tl.store(y_rows + qcols[None, :] * stride_yn, y, mask=mask_m[:, None] & (qcols < N)[None, :])
+    else:
+        acc = _low_rank(acc, offs_m, offs_n, t, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur,
+                        M, N, R, scale, dtype, FUSE_SHRINK, BLOCK_R)
+        y = _epilogue_part(acc, offs_m, offs_n, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur,
+                           bias_ptr, seed, M, N, R, scale, drop_threshold, dtype, HAS_BIAS, False, BLOCK_R)
+        tl.store(y_rows + offs_n[None, :] * stride_yn, y, mask=mask_m[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _lora_matmul_kernel(
     x_ptr,  # [M, K]  (x forward, dY backward)
     w_ptr,  # [N, K]  frozen weight (W0 forward, W0ᵀ backward)
@@ -171,29 +210,10 @@ def _lora_matmul_kernel(
     # ---- main loop: x·wᵀ
     acc = gemm_tile(x_ptrs, w_ptrs, K, stride_xk, stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
-    # ---- low-rank term: cdiv(R, BLOCK_R) more reduction steps (one at
-    # r = 16) into acc, then bias, cast, masked store. With dropout (dx) the
-    # masked term is computed per column quarter (``_epilogue_part``): a
-    # whole-tile masked term needs a second tile-sized accumulator, and spills.
-    dtype: tl.constexpr = y_ptr.dtype.element_ty
-    mask_m = offs_m < M
-    y_rows = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr).to(tl.uint32)
-        QUARTER: tl.constexpr = BLOCK_N // 4
-        parts = column_quarters(acc, BLOCK_M, BLOCK_N)
-        for q in tl.static_range(4):
-            qcols = pid_n * BLOCK_N + q * QUARTER + tl.arange(0, QUARTER)
-            y = _epilogue_part(parts[q], offs_m, qcols, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur,
-                               bias_ptr, seed, M, N, R, scale, drop_threshold, dtype, HAS_BIAS, HAS_DROPOUT, BLOCK_R)
-            tl.store(y_rows + qcols[None, :] * stride_yn, y, mask=mask_m[:, None] & (qcols < N)[None, :])
-    else:
-        acc = _low_rank(acc, offs_m, offs_n, offs_m, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur,
-                        M, N, R, scale, dtype, False, BLOCK_R)
-        y = _epilogue_part(acc, offs_m, offs_n, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur,
-                           bias_ptr, seed, M, N, R, scale, drop_threshold, dtype, HAS_BIAS, False, BLOCK_R)
-        tl.store(y_rows + offs_n[None, :] * stride_yn, y, mask=mask_m[:, None] & (offs_n < N)[None, :])
+    # ---- low-rank term, bias, cast, masked store
+    lora_store(acc, offs_m, offs_m, offs_n, pid_n, t_ptr, stride_tm, stride_tr, u_ptr, stride_un, stride_ur,
+               bias_ptr, y_ptr, stride_ym, stride_yn, seed_ptr, M, N, R, scale, drop_threshold,
+               HAS_BIAS, HAS_DROPOUT, False, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit

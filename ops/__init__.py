@@ -4,6 +4,7 @@
     multi_lora/  batched multi-adapter LoRA
     moe/         MoE routing, dispatch/combine, layers, upcycling
     adapters/    PEFT integration: adapter files, apply/save/load, the adapter pool
+    quant/       quantized frozen bases: 4-bit storage (bitsandbytes' layout), its decode, its layers
 
 A feature package holds ``launch.py`` (launchers: the only importer of
 ``kernels/`` and ``autotune/``), ``reference.py`` (the same ops in plain

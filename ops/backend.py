@@ -130,6 +130,12 @@ def _cuda_props(index: int) -> tuple[int, int, str]:
 OP_CALLS: collections.Counter = collections.Counter()  # op implementation name -> calls (eager and traced)
 
 
+def traced(first: torch.Tensor) -> bool:
+    """Whether an op call must go through the registered op: torch.compile is tracing, or the
+    tensors are meta tensors (the fake implementation gives the shapes)."""
+    return torch.compiler.is_compiling() or first.device.type == "meta"
+
+
 def call_op(op, impl, *args):
     """The registered torch.library op while torch.compile traces (an opaque
     node with a fake implementation) and for meta tensors (the fake
@@ -140,7 +146,7 @@ def call_op(op, impl, *args):
     0.5 ms of CPU per call, more than the kernels of a K=N=4096 LoRA layer
     take on the GPU, which made the training step launch-bound.
     """
-    if torch.compiler.is_compiling() or args[0].device.type == "meta":
+    if traced(args[0]):
         return op(*args)
     OP_CALLS[impl.__name__] += 1  # what ran: tests (and users) check that a model really uses the kernels
     return impl(*args)

@@ -158,7 +158,7 @@ class FrozenLinearWrapper(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, *args, **kwargs):
         """Wrap ``linear``: its weight and bias Parameters are reused (no copy) and frozen."""
-        if not is_linear(linear):
+        if not (is_linear(linear) or getattr(cls, "quantized", False)):  # quantized bases: the layer's _adopt checks
             raise ValueError(f"linear: expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -181,6 +181,19 @@ class FrozenLinearWrapper(nn.Module):
     def weight_nk(self) -> torch.Tensor:
         """The base weight as ``[out_features, in_features]`` (a view for Conv1D)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
+    def base_device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in."""
+        return self.weight.dtype
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer alone (merged or disabled adapters)."""
+        return nn.functional.linear(x, self.weight_nk, self.bias)
 
     def base_linear(self) -> nn.Module:
         """A plain layer of the original kind (``nn.Linear`` or ``Conv1D``)

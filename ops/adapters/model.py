@@ -27,6 +27,7 @@ from torch import nn
 
 from ..common import MAX_RANK, FrozenLinearWrapper, is_linear, lora_scale, set_submodule, weight_out_in
 from ..lora.layer import LoRALinear
+from ..quant.layer import is_quantized_linear
 from . import experts as expert_files
 from .format import matches_target, read_adapter_file, validate_adapter, write_adapter
 
@@ -47,12 +48,26 @@ def _default_targets(model: nn.Module) -> list[str]:
     return list(defaults[model_type])
 
 
+def _target(module: nn.Module) -> bool:
+    """A layer LoRA can wrap: ``nn.Linear``, ``Conv1D``, or a 4-bit linear (bitsandbytes' ``Linear4bit``,
+    ``QuantLinear``)."""
+    return is_linear(module) or is_quantized_linear(module)
+
+
+def _features(module: nn.Module) -> tuple:
+    """(in, out) of a layer ``_target`` accepts, or of a LoRA layer."""
+    if isinstance(module, LoRALinear) or is_quantized_linear(module):
+        return module.in_features, module.out_features
+    return tuple(weight_out_in(module).shape[::-1])
+
+
 def resolve_targets(model: nn.Module, target_modules) -> list[str]:
     """The names of the linear layers LoRA goes on, by PEFT's rules: a list
     matches a name or its last components, a string is a full-match regex,
     ``"all-linear"`` is every linear layer but the output layer, and ``None``
-    is PEFT's default for the model's architecture."""
-    linears = [(n, m) for n, m in model.named_modules() if is_linear(m) and not _inside_lora(model, n)]
+    is PEFT's default for the model's architecture. 4-bit linear layers
+    count as linear layers (QLoRA)."""
+    linears = [(n, m) for n, m in model.named_modules() if _target(m) and not _inside_lora(model, n)]
     if target_modules is None:
         target_modules = _default_targets(model)
     if target_modules == "all-linear":
@@ -117,7 +132,7 @@ def target_list(model: nn.Module, wrapped: Iterable[str]) -> list[str]:
     layer-restricted target must not widen when PEFT reads it back)."""
     wrapped = set(wrapped)
     suffixes = sorted({n.split(".")[-1] for n in wrapped})
-    selected = {n for n, m in model.named_modules() if is_linear(m) or isinstance(m, FrozenLinearWrapper)}
+    selected = {n for n, m in model.named_modules() if _target(m) or isinstance(m, FrozenLinearWrapper)}
     selected = {n for n in selected if not _inside_lora(model, n) and matches_target(n, suffixes)}
     return suffixes if selected == wrapped else sorted(wrapped)
 
@@ -172,9 +187,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     experts = expert_files.validate_expert_entries(model, config, expert_entries, MAX_RANK)
     shapes = {}
     for name, m in model.named_modules():
-        if (is_linear(m) or isinstance(m, LoRALinear)) and not _inside_lora(model, name):
-            shapes[name] = (m.in_features, m.out_features) if isinstance(m, LoRALinear) else \
-                tuple(weight_out_in(m).shape[::-1])
+        if (_target(m) or isinstance(m, LoRALinear)) and not _inside_lora(model, name):
+            shapes[name] = _features(m)
     entries, dropout = validate_adapter(config, linear_lora, shapes, "which the model lacks (or which is not a Linear)",
                                         MAX_RANK)
     for name, params in file.saved_modules.items():
@@ -225,10 +239,16 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain layer
-    (``nn.Linear`` / ``Conv1D``) back: PEFT's ``merge_and_unload``. Expert
+    (``nn.Linear`` / ``Conv1D``) back: PEFT's ``merge_and_unload``. A layer over
+    a 4-bit base becomes an ``nn.Linear`` in the base's dtype holding the
+    decoded base plus s·B·A (the sum has no 4-bit form; PEFT requantizes it,
+    which changes the base). Expert
     adapters (``add_expert_lora``) are folded into their experts and
     removed. The ``modules_to_save`` keep their trained weights. Returns ``model``."""
     for name, layer in _lora_layers(model).items():
+        if getattr(layer, "quantized", False):  # a 4-bit base cannot hold the sum: a dense layer takes its place
+            set_submodule(model, name, layer.merged_linear())
+            continue
         if not layer.merged:
             layer.merge()
         set_submodule(model, name, layer.base_linear())

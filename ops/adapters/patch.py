@@ -2,17 +2,21 @@
 LoRA layers through the fused kernels, in the model they already have.
 
 Every PEFT LoRA ``Linear`` whose base is an ``nn.Linear`` or transformers'
-``Conv1D`` (GPT-2, ``fan_in_fan_out``) gets a forward that calls
+``Conv1D`` (GPT-2, ``fan_in_fan_out``), and every QLoRA layer (PEFT's
+``lora.bnb.Linear4bit`` over bitsandbytes' 4-bit ``Linear4bit``) gets a
+forward that calls
 ``lora_linear`` (one active adapter) or ``multi_lora_linear`` (a mixed batch,
-``adapter_names=[...]``) on PEFT's own parameters: nothing is copied, so
-``set_adapter``, ``disable_adapter()``, merging, ``save_pretrained``,
-optimizers and gradient checkpointing see the same model. Whatever the
-kernels do not do keeps PEFT's forward, decided per call: DoRA and other
-LoRA variants, ``lora_bias``, several active adapters summed, a trainable
-base weight, weights that a sharding wrapper holds (FSDP units of their
-own), extra forward arguments. Layers PEFT builds on other bases
-(quantized Linear, Embedding, Conv2d) are not patched at all. At patch time
-one warning per reason names the layers that fall back.
+``adapter_names=[...]``) on PEFT's own parameters: nothing is copied (the
+4-bit codes are read where bitsandbytes keeps them and decoded inside the
+kernels), so ``set_adapter``, ``disable_adapter()``, merging,
+``save_pretrained``, optimizers and gradient checkpointing see the same
+model. Whatever the kernels do not do keeps PEFT's forward, decided per
+call: DoRA and other LoRA variants, ``lora_bias``, several active adapters
+summed, a trainable base weight, weights that a sharding wrapper holds (FSDP
+units of their own), extra forward arguments, a 4-bit weight bitsandbytes
+repacked for its CPU inference kernel. Layers PEFT builds on other bases
+(8-bit Linear, Embedding, Conv2d) are not patched at all. At patch time one
+warning per reason names the layers that fall back.
 
 LoRA on MoE experts (``LoraConfig(target_parameters=[...])``): PEFT wraps a
 transformers fused-experts module (``gate_up_proj`` / ``down_proj`` 3-D
@@ -34,6 +38,7 @@ from torch import nn
 
 from ..common import is_conv1d, weight_out_in
 from ..lora.function import lora_linear
+from ..quant.layer import compute_dtype, is_quantized_linear, quantized_weight
 from ..moe import hf_experts
 from ..moe.lora import peft_expert_factors
 from ..multi_lora.function import multi_lora_linear
@@ -41,18 +46,26 @@ from ..multi_lora.function import multi_lora_linear
 _PATCHED = "_posttrain_patched"
 
 
-def _lora_linear_class():
+def _lora_linear_classes() -> tuple:
+    """PEFT's LoRA Linear classes the kernels run: ``lora.Linear``, and ``lora.bnb.Linear4bit`` where
+    bitsandbytes is installed."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError as e:  # pragma: no cover - peft is an optional dependency
         raise ImportError("patch_peft needs peft installed (pip install peft)") from e
-    return Linear
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # no bitsandbytes
+        return (Linear,)
+    return Linear, Linear4bit
 
 
-def _base_weight(layer) -> Optional[torch.Tensor]:
-    """The base weight as ``[out, in]`` (a view for Conv1D), or None if the
-    base is not a plain linear (a subclass such as a quantized Linear is not)."""
+def _base_weight(layer):
+    """The base weight as ``[out, in]`` (a view for Conv1D), an ``NF4Weight`` over a quantized base's
+    own storage, or None if the base is something else (an 8-bit Linear, a Linear subclass)."""
     base = layer.get_base_layer()
+    if is_quantized_linear(base):
+        return quantized_weight(base)
     return weight_out_in(base) if type(base) is nn.Linear or is_conv1d(base) else None
 
 
@@ -65,11 +78,21 @@ def _fallback_reason(layer) -> Optional[str]:
     base = layer.get_base_layer()
     if base.weight.requires_grad:
         return "a trainable base weight"
-    for mod in (*layer.lora_A.values(), *layer.lora_B.values(), base):
+    quantized = is_quantized_linear(base)
+    for mod in (*layer.lora_A.values(), *layer.lora_B.values(), *(() if quantized else (base,))):
         if type(mod.weight) not in (torch.Tensor, nn.Parameter) or mod.weight.dim() != 2:
             # FSDP wrapped a LoRA Linear as a unit of its own: only its own forward gathers the weight
             return "sharded weights (FSDP units of their own)"
+    if quantized and getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+        return "a 4-bit weight bitsandbytes repacked for its CPU inference kernel"
     return None
+
+
+def _patchable_base(layer) -> bool:
+    """A base the kernels run: a plain linear layer, or a 4-bit one (whatever its storage's state:
+    a repacked bitsandbytes weight falls back per call)."""
+    base = layer.get_base_layer()
+    return is_quantized_linear(base) or type(base) is nn.Linear or is_conv1d(base)
 
 
 def _active(layer) -> list[str]:
@@ -98,16 +121,20 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return original(self, x, *args, **kwargs)
     base = self.get_base_layer()
     weight = _base_weight(self)
-    if adapter_names is not None:
-        return _mixed_batch(self, x, adapter_names, weight, base.bias, original)
     active = _active(self)
-    if len(active) != 1:  # none (the base layer alone) or several summed: PEFT's forward
+    if adapter_names is None and len(active) != 1:  # none (the base alone) or several summed: PEFT's forward
         return original(self, x, *args, **kwargs)
+    # A quantized base computes in its compute dtype (bitsandbytes casts the input to it, and the
+    # output back to the input's dtype); a plain one in x's.
+    dtype = compute_dtype(base, x) if is_quantized_linear(base) else x.dtype
+    xc = x.to(dtype)
+    if adapter_names is not None:
+        return _mixed_batch(self, xc, adapter_names, weight, base.bias, original).to(x.dtype)
     name = active[0]
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    return lora_linear(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                       base.bias, p)
+    return lora_linear(xc, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                       base.bias, p).to(x.dtype)
 
 
 def _stack(layer, names: list[str], device: torch.device):
@@ -263,7 +290,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
     ``model``. Idempotent. Layers or calls the kernels do not cover keep
     PEFT's forward, never a different result; one warning per reason names
     the layers that fall back now. ``unpatch_peft`` restores PEFT's forward."""
-    linear_cls = _lora_linear_class()
+    linear_classes = _lora_linear_classes()
     from peft.tuners.lora.layer import LoraLayer
     wrapper_cls = _param_wrapper_class()
     fallbacks: dict[str, list[str]] = {}
@@ -282,9 +309,9 @@ def patch_peft(model: nn.Module) -> nn.Module:
                 m.forward = _ExpertsForward(m)
                 setattr(m, _PATCHED, True)
             continue
-        if type(m) is not linear_cls or _base_weight(m) is None:
+        if type(m) not in linear_classes or not _patchable_base(m):
             fallbacks.setdefault(f"its base layer is a {type(m.get_base_layer()).__name__} (or the LoRA layer a "
-                                 f"{type(m).__name__}), not an nn.Linear / Conv1D", []).append(name)
+                                 f"{type(m).__name__}), not an nn.Linear / Conv1D / 4-bit Linear", []).append(name)
             continue
         reason = _fallback_reason(m) or ("several active adapters summed" if len(_active(m)) > 1 else None)
         if reason is not None:

@@ -247,7 +247,7 @@ class AdapterPool:
                     check(n in self.slots, "adapters", f"adapter {n!r} is not loaded (loaded: {self.names})")
                     self._touch(n)
             slots = [-1 if n is None else self.slots[n] for n in names]
-        device = device or next(iter(self.layers.values())).weight.device
+        device = device or next(iter(self.layers.values())).base_device
         return torch.tensor(slots, dtype=torch.int64, device=device)
 
     @contextlib.contextmanager

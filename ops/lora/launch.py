@@ -38,10 +38,15 @@ from torch import Tensor
 
 from ...autotune.cache import RESET_HOOKS, select_config
 from ...autotune.lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X, MATMUL_BLOCK_R
+from ...autotune.quant import NF4_LORA_MATMUL
 from ..backend import (GEMM_VAR, descriptor_copy, device_info, ensure_tma_allocator, gemm_path, misalignment,
                        num_sms, on_device, tma_addressable, tma_row_stride)
 from ..common import cdiv, dtype_name
 from ..dropout import dropout_threshold
+from ..quant.launch import (check_tile, decode_in_loop, dequantize_triton, nf4_offset, nf4_pointers, nf4_scalars,
+                            w_round)
+from ..quant.nf4 import NF4Weight
+from ..quant.weight import structure
 
 FUSE_VAR = "POSTTRAIN_KERNELS_FUSE_SHRINK"
 
@@ -130,6 +135,27 @@ def _gemm_launch(x: Tensor, w: Tensor, t_strides: tuple, u: Tensor, has_bias: bo
         stride_ym=N, stride_yn=1, EVEN_K=K % cfg["BLOCK_K"] == 0, **LORA_MATMUL.launch_kwargs(cfg)))
 
 
+def _nf4_gemm_launch(x: Tensor, w: NF4Weight, transposed: bool, u: Tensor, has_bias: bool, R: int,
+                     dropout_p: float, fuse: bool, a_strides: tuple = (0, 0)) -> _Launch:
+    """The launch of y [M, N] = x [M, K]·wᵀ + scale·(t [M, R]·uᵀ)(⊙ keep) + bias with w the 4-bit
+    weight [WN, WK] read as [N, K] (forward) or, ``transposed``, as [K, N] (dx), decoded in the main
+    loop; ``fuse``: t = x·aᵀ from the same tiles (a [R, K], ``a_strides``). The call passes the
+    tensors, then ``scale`` and the weight's scale offset."""
+    M, K = x.shape
+    WN, WK = w.shape
+    N = WK if transposed else WN
+    cfg = select_config(NF4_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device),
+                        N=N, K=K, layout="wT" if transposed else "w", M=M)
+    check_tile(w, cfg["BLOCK_N"] if transposed else cfg["BLOCK_K"], NF4_LORA_MATMUL.name)
+    return _Launch(NF4_LORA_MATMUL, (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), 14, dict(
+        M=M, N=N, K=K, R=R, WN=WN, WK=WK, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_tm=R, stride_tr=1,
+        stride_un=u.stride(0), stride_ur=u.stride(1), stride_ar=a_strides[0], stride_ak=a_strides[1],
+        stride_ym=N, stride_yn=1, drop_threshold=dropout_threshold(dropout_p), W_NMAJOR=transposed,
+        W_ROUND=w_round(w, x.dtype),
+        HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0.0, FUSE_SHRINK=fuse, EVEN_K=K % cfg["BLOCK_K"] == 0,
+        **nf4_scalars(w), **NF4_LORA_MATMUL.launch_kwargs(cfg)))
+
+
 def _shrink_launch(x: Tensor, a: Tensor, dropout_p: float) -> _Launch:
     """The launch of t [M, R] fp32 = scale · drop(x) [M, K] · aᵀ, a as [R, K] (any strides); the call
     passes ``scale`` (dropout's 1/(1-p) included)."""
@@ -152,6 +178,11 @@ def _seed(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
 def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
+    if isinstance(weight, NF4Weight):  # decoded in the main loop, which can also compute t
+        fuse = dropout_p == 0.0 and R <= MATMUL_BLOCK_R and (env[1] or "1") != "0"
+        shrink = None if fuse else _shrink_launch(x, lora_a, dropout_p)
+        gemm = _nf4_gemm_launch(x, weight, False, lora_b, bias is not None, R, 0.0, fuse, lora_a.stride())
+        return _Plan((shrink, gemm), {"tma": False, "nf4": True})
     path = gemm_path(x, weight, N, env[0])
     fuse = (path == "tma" and dropout_p == 0.0 and R <= MATMUL_BLOCK_R and (env[1] or "1") != "0")
     # The fused shrink reads A through a descriptor, in x's dtype: A as it is when a descriptor can
@@ -161,27 +192,40 @@ def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
     shrink = None if fuse else _shrink_launch(x, lora_a, dropout_p)
     gemm = _gemm_launch(x, weight, (R, 1), lora_b, bias is not None, R, 0.0, path, fuse,
                         stride_ar=lora_a.stride(0) if a_stride is None else a_stride)
-    return _Plan((shrink, gemm), {"tma": path == "tma", "a_stride": a_stride})
+    return _Plan((shrink, gemm), {"tma": path == "tma", "nf4": False, "a_stride": a_stride})
+
+
+def _weight_key(x: Tensor, weight, *others) -> tuple:
+    """What a plan depends on of the weight: a dense one's shape, strides and misalignment (with
+    the other TMA operands'), a quantized one's structure."""
+    if isinstance(weight, Tensor):
+        return weight.shape, weight.stride(), misalignment(x, weight, *others)
+    return structure(weight)
 
 
 @on_device
 def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
-    """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]."""
+    """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]; ``weight`` a dense [N, K] tensor or
+    a 4-bit ``NF4Weight`` (decoded in the GEMM up to a few hundred tokens, ``quant/launch.py``,
+    else once into a dense buffer)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     t = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, t
-    key = ("fwd", x.shape, weight.shape, lora_a.shape, x.stride(), weight.stride(), lora_a.stride(), lora_b.stride(),
-           x.dtype, lora_a.dtype,
-           lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, misalignment(x, weight, lora_a))
+    if isinstance(weight, NF4Weight) and not decode_in_loop(weight, M):
+        weight = dequantize_triton(weight, x.dtype)
+    key = ("fwd", x.shape, lora_a.shape, x.stride(), lora_a.stride(), lora_b.stride(), x.dtype, lora_a.dtype,
+           lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, _weight_key(x, weight, lora_a))
     plan = _PLANS.get(key) or _remember(key, _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, _env()))
     shrink, gemm = plan.launches
     if shrink is not None:
         shrink(x, lora_a, t, _seed(seed, dropout_p, t), 1.0 / (1.0 - dropout_p))
     bias_t = bias.contiguous() if bias is not None else y  # the kernels read bias at unit stride
-    if plan.info["tma"]:
+    if plan.info["nf4"]:
+        gemm(x, *nf4_pointers(weight), t, lora_b, lora_a, bias_t, y, y, float(scale), nf4_offset(weight))
+    elif plan.info["tma"]:
         ensure_tma_allocator()
         a_stride = plan.info["a_stride"]
         a16 = lora_a if a_stride is None else descriptor_copy(lora_a, x.dtype, a_stride)
@@ -225,25 +269,29 @@ def _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, e
     # dx = dY·W0 + (dt·A)⊙keep/(1-p): W0 [N, K] read as a [K, N] "w", A [R, K] as a [K, R] "u".
     dx = None
     path = "portable"
-    if needs_dx:
+    if needs_dx and isinstance(weight, NF4Weight):
+        path = "nf4"
+        dx = _nf4_gemm_launch(dy, weight, True, lora_a.t(), False, R, dropout_p, False)
+    elif needs_dx:
         wt = weight.t()
         path = gemm_path(dy, wt, K, env[0])
         dx = _gemm_launch(dy, wt, (R, 1), lora_a.t(), False, R, dropout_p, path, False)
-    return _Plan((dy_pass, x_pass, dx), {"tma": path == "tma", "split": split})
+    return _Plan((dy_pass, x_pass, dx), {"tma": path == "tma", "nf4": path == "nf4", "split": split})
 
 
 @on_device
 def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias):
-    """(dx [M, K] or empty, dA [R, K], dB [N, R] in the adapters' dtypes, dbias [N] fp32 or empty)."""
+    """(dx [M, K] or empty, dA [R, K], dB [N, R] in the adapters' dtypes, dbias [N] fp32 or empty);
+    ``weight`` dense or 4-bit, as in the forward."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     if M == 0:
         return (x.new_empty((0, K)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_a),
                 torch.zeros_like(lora_b), dy.new_zeros((N,) if needs_dbias else (0,), dtype=torch.float32))
-    key = ("bwd", x.shape, weight.shape, lora_a.shape, dy.stride(), x.stride(), weight.stride(), lora_a.stride(),
-           lora_b.stride(), x.dtype,
-           lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device,
-           misalignment(dy, weight))
+    if isinstance(weight, NF4Weight) and needs_dx and not decode_in_loop(weight, M):
+        weight = dequantize_triton(weight, x.dtype)
+    key = ("bwd", x.shape, lora_a.shape, dy.stride(), x.stride(), lora_a.stride(), lora_b.stride(), x.dtype,
+           lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device, _weight_key(dy, weight))
     plan = _PLANS.get(key) or _remember(
         key, _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, _env()))
     dy_pass, x_pass, dx_gemm = plan.launches
@@ -263,7 +311,10 @@ def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, ne
     if dx_gemm is not None:
         # W0 and A are read transposed: the plan has their strides, the kernel takes their data.
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        if plan.info["tma"]:
+        if plan.info["nf4"]:
+            dx_gemm(dy, *nf4_pointers(weight), dt, lora_a, dx, dx, dx, _seed(seed, dropout_p, dx),
+                    1.0 / (1.0 - dropout_p), nf4_offset(weight))
+        elif plan.info["tma"]:
             ensure_tma_allocator()
             dx_gemm(dy, weight, dt, lora_a, dx, dx, dx, _seed(seed, dropout_p, dx), 1.0 / (1.0 - dropout_p))
         else:

@@ -7,10 +7,10 @@ import warnings
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_number, lora_scale
+from ..quant.layer import QuantizedBase, is_quantized_linear
 from .function import lora_linear
 
 INIT_CHOICES = (True, False, "kaiming", "gaussian")
@@ -66,9 +66,12 @@ class LoRALinear(FrozenLinearWrapper):
                     adapter_dtype: Optional[torch.dtype] = torch.float32) -> "LoRALinear":
         """Wrap ``linear`` (an ``nn.Linear``, or a transformers ``Conv1D`` as in
         GPT-2, whose ``[in, out]`` weight stays as it is): its weight and bias
-        Parameters are reused (no copy) and frozen."""
-        return super().from_linear(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                                   adapter_dtype)
+        Parameters are reused (no copy) and frozen. A quantized linear layer
+        (bitsandbytes' ``Linear4bit``, ``QuantLinear``) gives a ``QLoRALinear``."""
+        if is_quantized_linear(linear) and not issubclass(cls, QuantizedBase):
+            cls = QLoRALinear
+        return super(LoRALinear, cls).from_linear(linear, r, lora_alpha, lora_dropout, use_rslora,
+                                                  init_lora_weights, adapter_dtype)
 
     def _setup(self, linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype):
         if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
@@ -82,9 +85,9 @@ class LoRALinear(FrozenLinearWrapper):
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = use_rslora
         self.scaling = lora_scale(lora_alpha, r, use_rslora)
-        dtype = adapter_dtype or self.weight.dtype
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=self.weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=self.weight.device, dtype=dtype)
+        dtype = adapter_dtype or self.base_dtype
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=self.base_device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=self.base_device, dtype=dtype)
         self.merged = False
         self.disabled = False  # the base layer alone (``disable_adapter``)
         self.tensor_shard = None  # set by tensor parallelism (ops/lora/parallel.py)
@@ -123,7 +126,7 @@ class LoRALinear(FrozenLinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
-            return F.linear(x, self.weight_nk, self.bias)
+            return self._base_forward(x)
         p = self.lora_dropout if self.training else 0.0
         if self.tensor_shard is not None:  # split by LoRAColwiseParallel / LoRARowwiseParallel
             from .parallel import sharded_forward
@@ -142,6 +145,25 @@ class LoRALinear(FrozenLinearWrapper):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
                 f"bias={self.bias is not None}, merged={self.merged}")
+
+
+class QLoRALinear(QuantizedBase, LoRALinear):
+    """``LoRALinear`` over a quantized frozen base (QLoRA): bitsandbytes' ``Linear4bit`` or a
+    ``QuantLinear``, kept as ``base_layer`` (its state-dict entries its own). The forward computes
+    in the base's compute dtype, the 4-bit weight decoded inside the fused kernels. Made by
+    ``LoRALinear.from_linear`` (and so by ``apply_lora`` / ``load_adapter``) for such a base.
+    ``merge()`` is refused (the sum is not 4-bit); ``merged_linear()`` is a dense merged copy."""
+
+    def merged_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` (the base's dtype) holding base + s·B·A, and the bias: for export."""
+        w = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
 
 
 def _unmerged_weight_in_state(module: LoRALinear, state_dict, prefix, local_metadata):

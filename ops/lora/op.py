@@ -1,8 +1,13 @@
-"""The fused-LoRA ops: ``posttrain_kernels::lora_fwd`` / ``lora_bwd``.
+"""The fused-LoRA ops: ``posttrain_kernels::lora_fwd`` / ``lora_bwd``, and ``qlora_fwd`` /
+``qlora_bwd`` for a quantized frozen weight.
 
 The flat ``torch.library`` boundary: each op runs the Triton launchers
 (``launch.py``) or the PyTorch reference (``reference.py``), by the backend
-rule of ``ops/backend.py``, and has a fake implementation for tracing.
+rule of ``ops/backend.py``, and has a fake implementation for tracing. A
+quantized weight (``ops/quant``) is an object; eager calls hand it to the
+implementations as it is, and traced ones cross the boundary as the
+``q*`` ops' flat lists (``ops/quant/weight.py: parts``). ``run_lora_fwd`` /
+``run_lora_bwd`` pick the op by the weight.
 """
 from __future__ import annotations
 
@@ -11,28 +16,77 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import use_triton
+from ..backend import OP_CALLS, call_op, traced, use_triton
+from ..quant.weight import dequantize, from_parts, parts
 from .launch import lora_bwd_triton, lora_fwd_triton
 from .reference import lora_bwd_ref, lora_fwd_ref
+
+
+def _dense(weight, dtype: torch.dtype) -> Tensor:
+    """The reference's weight: a quantized one decoded as its library decodes it."""
+    return weight if isinstance(weight, Tensor) else dequantize(weight, dtype)
 
 
 def lora_fwd_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
                   scale: float, dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]."""
-    impl = lora_fwd_triton if use_triton(x.device, backend) else lora_fwd_ref
-    return impl(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
+    if use_triton(x.device, backend):
+        return lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
+    return lora_fwd_ref(x, _dense(weight, x.dtype), lora_a, lora_b, bias, scale, dropout_p, seed)
 
 
 def lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, t: Tensor,
                   scale: float, dropout_p: float, seed: Optional[Tensor], needs_dx: bool, needs_dbias: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx [M, K] or empty, dA [R, K], dB [N, R], dbias [N] fp32 or empty)."""
-    impl = lora_bwd_triton if use_triton(dy.device, backend) else lora_bwd_ref
-    return impl(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias)
+    if use_triton(dy.device, backend):
+        return lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias)
+    return lora_bwd_ref(dy, x, _dense(weight, x.dtype), lora_a, lora_b, t, scale, dropout_p, seed, needs_dx,
+                        needs_dbias)
+
+
+def qlora_fwd_impl(x: Tensor, wq: list[Tensor], fmt: str, wint: list[int], wfloat: list[float], lora_a: Tensor,
+                   lora_b: Tensor, bias: Optional[Tensor], scale: float, dropout_p: float, seed: Optional[Tensor],
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """``lora_fwd`` with the quantized weight as ``parts`` gives it."""
+    return lora_fwd_impl(x, from_parts(fmt, wq, wint, wfloat), lora_a, lora_b, bias, scale, dropout_p, seed,
+                         backend)
+
+
+def qlora_bwd_impl(dy: Tensor, x: Tensor, wq: list[Tensor], fmt: str, wint: list[int], wfloat: list[float],
+                   lora_a: Tensor, lora_b: Tensor, t: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
+                   needs_dx: bool, needs_dbias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return lora_bwd_impl(dy, x, from_parts(fmt, wq, wint, wfloat), lora_a, lora_b, t, scale, dropout_p, seed,
+                         needs_dx, needs_dbias, backend)
 
 
 lora_fwd = torch.library.custom_op("posttrain_kernels::lora_fwd", mutates_args=())(lora_fwd_impl)
 lora_bwd = torch.library.custom_op("posttrain_kernels::lora_bwd", mutates_args=())(lora_bwd_impl)
+qlora_fwd = torch.library.custom_op("posttrain_kernels::qlora_fwd", mutates_args=())(qlora_fwd_impl)
+qlora_bwd = torch.library.custom_op("posttrain_kernels::qlora_bwd", mutates_args=())(qlora_bwd_impl)
+
+
+def run_lora_fwd(x, weight, *args):
+    """``lora_fwd`` (a dense weight) or ``qlora_fwd`` (a quantized one), as ``call_op`` runs an op:
+    traced, the registered op; eager, the implementation, which takes the weight object as it is
+    (counted as ``qlora_fwd_impl``: no flattening on the per-call path)."""
+    if isinstance(weight, Tensor):
+        return call_op(lora_fwd, lora_fwd_impl, x, weight, *args)
+    if traced(x):
+        fmt, wq, wint, wfloat = parts(weight)
+        return qlora_fwd(x, wq, fmt, wint, wfloat, *args)
+    OP_CALLS["qlora_fwd_impl"] += 1
+    return lora_fwd_impl(x, weight, *args)
+
+
+def run_lora_bwd(dy, x, weight, *args):
+    if isinstance(weight, Tensor):
+        return call_op(lora_bwd, lora_bwd_impl, dy, x, weight, *args)
+    if traced(dy):
+        fmt, wq, wint, wfloat = parts(weight)
+        return qlora_bwd(dy, x, wq, fmt, wint, wfloat, *args)
+    OP_CALLS["qlora_bwd_impl"] += 1
+    return lora_bwd_impl(dy, x, weight, *args)
 
 
 @lora_fwd.register_fake
@@ -41,8 +95,23 @@ def _(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
     return x.new_empty((M, N)), x.new_empty((M, R), dtype=torch.float32)
 
 
-@lora_bwd.register_fake
-def _(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias, backend):
+@qlora_fwd.register_fake
+def _(x, wq, fmt, wint, wfloat, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
+    M, N, R = x.shape[0], wint[0], lora_a.shape[0]
+    return x.new_empty((M, N)), x.new_empty((M, R), dtype=torch.float32)
+
+
+def _bwd_fake(dy, x, lora_a, lora_b, needs_dx, needs_dbias):
     dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
     dbias = dy.new_empty((dy.shape[1],) if needs_dbias else (0,), dtype=torch.float32)
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), dbias
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias, backend):
+    return _bwd_fake(dy, x, lora_a, lora_b, needs_dx, needs_dbias)
+
+
+@qlora_bwd.register_fake
+def _(dy, x, wq, fmt, wint, wfloat, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias, backend):
+    return _bwd_fake(dy, x, lora_a, lora_b, needs_dx, needs_dbias)

@@ -15,9 +15,9 @@ no atomics, no host sync. The base weight gets no gradient.
 
 launch.py     RowOrder / AdapterStack / SlotMatrix and the launchers (the only importer of kernels/ and autotune/)
 reference.py  a per-row loop over adapters, and the ops in plain PyTorch
-op.py         torch.library ops posttrain_kernels::multi_lora_fwd / multi_lora_bwd
+op.py         torch.library ops posttrain_kernels::multi_lora_fwd / multi_lora_bwd (multi_qlora_*: a quantized weight)
 function.py   MultiLoRALinearFunction and multi_lora_linear (argument checks)
-layer.py      MultiLoRALinear, the slot-holding nn.Linear
+layer.py      MultiLoRALinear, the slot-holding nn.Linear; QMultiLoRALinear over a quantized base
 """
 from .function import MultiLoRALinearFunction, multi_lora_linear  # noqa: F401
-from .layer import MultiLoRALinear  # noqa: F401
+from .layer import MultiLoRALinear, QMultiLoRALinear  # noqa: F401

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import call_op, check_backend
+from ..backend import check_backend
 from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values, linear_autocast
-from .op import multi_lora_bwd, multi_lora_bwd_impl, multi_lora_fwd, multi_lora_fwd_impl
+from ..quant.weight import check_quantized, is_quantized
+from .op import run_multi_lora_bwd, run_multi_lora_fwd
 
 
 # ---------------------------------------------------------------- autograd
@@ -30,10 +31,13 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds,
                 backend):
-        y, t, perm, sid = call_op(multi_lora_fwd, multi_lora_fwd_impl, x, weight, bias, lora_a, lora_b, ranks,
-                                  scales, adapter_ids, slices, dropout_p, seeds, backend)
+        y, t, perm, sid = run_multi_lora_fwd(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices,
+                                             dropout_p, seeds, backend)
+        dense = isinstance(weight, Tensor)
+        ctx.quantized = None if dense else weight  # a quantized frozen weight is kept as it is
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, dropout_p, seeds)
+            ctx.save_for_backward(x, weight if dense else None, lora_a, lora_b, ranks, scales, t, perm, sid,
+                                  dropout_p, seeds)
         ctx.slices, ctx.backend = slices, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(t, perm, sid)
@@ -44,9 +48,9 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, dropout_p, seeds = ctx.saved_tensors
         needs_dx, needs_dbias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         needs_dlora = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        dx, da, db, dbias = call_op(multi_lora_bwd, multi_lora_bwd_impl, dy, x, weight, lora_a, lora_b, ranks,
-                                    scales, t, perm, sid, ctx.slices, needs_dx, needs_dlora, needs_dbias,
-                                    dropout_p, seeds, ctx.backend)
+        dx, da, db, dbias = run_multi_lora_bwd(dy, x, weight if ctx.quantized is None else ctx.quantized, lora_a,
+                                               lora_b, ranks, scales, t, perm, sid, ctx.slices, needs_dx, needs_dlora,
+                                               needs_dbias, dropout_p, seeds, ctx.backend)
         return (dx if needs_dx else None, None, dbias.to(ctx.bias_dtype) if needs_dbias else None,
                 da if ctx.needs_input_grad[3] else None, db if ctx.needs_input_grad[4] else None,
                 None, None, None, None, None, None, None)
@@ -63,17 +67,22 @@ def check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids,
     index tensors (ids, ranks, scales, rates) as ``ops.common.check_values``
     says (always on CPU; on a GPU one host sync, skipped while capturing a
     CUDA graph or tracing)."""
+    quantized = is_quantized(weight)
+    if quantized:
+        check_quantized(weight, "weight")
     for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if name == "weight" and quantized:
+            continue
         check(isinstance(v, Tensor), name, f"expected a Tensor, got {type(v).__name__}")
         check(v.dtype in FLOAT_DTYPES, name, f"dtype must be float16, bfloat16 or float32, got {v.dtype}")
     for name, v in (("ranks", ranks), ("scales", scales), ("adapter_ids", adapter_ids)):
         check(isinstance(v, Tensor), name, f"expected a Tensor, got {type(v).__name__}")
     check(x.dim() >= 1, "x", "must have at least one dimension [..., in_features]")
-    check(weight.dim() == 2 and min(weight.shape) >= 1, "weight",
+    check(len(weight.shape) == 2 and min(weight.shape) >= 1, "weight",
           f"expected [out_features, in_features], both >= 1, got shape {tuple(weight.shape)}")
     N, K = weight.shape
     check(x.shape[-1] == K, "x", f"last dim must be in_features={K}, got shape {tuple(x.shape)}")
-    check(weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
+    check(quantized or weight.dtype == x.dtype, "weight", f"dtype must match x ({x.dtype}), got {weight.dtype}")
     n_sl = 1
     if slices is not None:
         check(isinstance(slices, (list, tuple))
@@ -105,7 +114,8 @@ def check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids,
     for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("ranks", ranks),
                     ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
         if v is not None:
-            check(v.device == x.device, name, f"must be on x's device {x.device}, got {v.device}")
+            device = v.packed.device if quantized and name == "weight" else v.device
+            check(device == x.device, name, f"must be on x's device {x.device}, got {device}")
     if dropout_p is not None:
         check(isinstance(dropout_p, Tensor) and tuple(dropout_p.shape) == (S,) and dropout_p.dtype == torch.float32
               and dropout_p.device == x.device, "dropout_p",
@@ -147,12 +157,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     ``lora_a`` is ``[SLOTS, len(slices)·R_MAX, K]`` (slice i at rows
     ``i·R_MAX``), ``lora_b`` ``[SLOTS, N, R_MAX]`` (row n belongs to the slice
     of column n), ``ranks`` / ``scales`` ``[len(slices), SLOTS]``. One launch
-    for all slices.
+    for all slices. ``weight`` may be a quantized frozen weight (``NF4Weight``), as in
+    ``lora_linear``: serving many adapters over one 4-bit base.
     """
-    if isinstance(weight, Tensor):
-        x, weight, bias, autocast_off = linear_autocast(x, weight, bias)  # nn.Linear's dtype rule under autocast
-    else:
-        autocast_off = None
+    # nn.Linear's dtype rule under autocast (a quantized weight is used in x's autocast dtype as it is)
+    x, weight, bias, autocast_off = linear_autocast(x, weight, bias)
     autocast_off = autocast_off or contextlib.nullcontext()
     slices, S, n_sl = check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids, bias, slices,
                                             dropout_p)

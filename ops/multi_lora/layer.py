@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_fp32_number, weight_out_in
+from ..common import MAX_RANK, FrozenLinearWrapper, check, check_rate, is_fp32_number
+from ..quant.layer import QuantizedBase, is_quantized_linear
 from .function import multi_lora_linear
 
 
@@ -98,20 +99,23 @@ class MultiLoRALinear(FrozenLinearWrapper):
     def from_linear(cls, linear: nn.Module, max_adapters: int, max_rank: int,
                     slices: Optional[Sequence[int]] = None) -> "MultiLoRALinear":
         """Wrap ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``); its
-        weight and bias are reused (no copy) and frozen."""
-        return super().from_linear(linear, max_adapters, max_rank, slices)
+        weight and bias are reused (no copy) and frozen. A quantized linear
+        layer (bitsandbytes' ``Linear4bit``, ``QuantLinear``) gives a
+        ``QMultiLoRALinear``: many adapters served over one 4-bit base."""
+        if is_quantized_linear(linear) and not issubclass(cls, QuantizedBase):
+            cls = QMultiLoRALinear
+        return super(MultiLoRALinear, cls).from_linear(linear, max_adapters, max_rank, slices)
 
     def _setup(self, linear, max_adapters, max_rank, slices=None):
         if max_adapters < 1 or not 1 <= max_rank <= MAX_RANK:
             raise ValueError(f"max_adapters / max_rank: expected >= 1 and in [1, {MAX_RANK}], got {max_adapters}, "
                              f"{max_rank}")
-        out_features = weight_out_in(linear).shape[0]
-        if slices is not None and (sum(slices) != out_features or min(slices) < 1):
-            raise ValueError(f"slices: expected positive widths summing to {out_features}, got {list(slices)}")
+        self._adopt(linear)
+        if slices is not None and (sum(slices) != self.out_features or min(slices) < 1):
+            raise ValueError(f"slices: expected positive widths summing to {self.out_features}, got {list(slices)}")
         self.slices = None if slices is None else [int(w) for w in slices]
         n_sl = 1 if slices is None else len(slices)
-        self._adopt(linear)
-        kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        kw = dict(device=self.base_device, dtype=self.base_dtype)
         self.max_rank = max_rank
         rs = (max_adapters,) if slices is None else (n_sl, max_adapters)
         # The slot stacks are Parameters (frozen until ``AdapterPool.trainable_parameters``), so that
@@ -223,7 +227,7 @@ class MultiLoRALinear(FrozenLinearWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sel = None if self.batch_group is None else current_selection(self.batch_group)
         if sel is None and self.adapter_ids is None:
-            return nn.functional.linear(x, self.weight_nk, self.bias)
+            return self._base_forward(x)
         ids = self.token_ids(x, sel)
         drop = self.lora_dropout if self.training and any(p > 0 for p in self._dropout.values()) else None
         return multi_lora_linear(x, self.weight_nk, self.lora_A, self.lora_B, self.ranks, self.scales, ids,
@@ -232,6 +236,13 @@ class MultiLoRALinear(FrozenLinearWrapper):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"slots={self.lora_A.shape[0]}, max_rank={self.max_rank}, slices={self.slices}")
+
+
+class QMultiLoRALinear(QuantizedBase, MultiLoRALinear):
+    """``MultiLoRALinear`` over a quantized frozen base (bitsandbytes' ``Linear4bit``, ``QuantLinear``),
+    kept as ``base_layer``: serving many adapters over one 4-bit model. The slot stacks take the
+    base's compute dtype; the forward computes in it, the 4-bit weight decoded inside the kernels.
+    Made by ``MultiLoRALinear.from_linear`` (and so by ``AdapterPool``) for such a base."""
 
 
 def _dropout_from_buffer(module: MultiLoRALinear, incompatible_keys):

@@ -183,13 +183,18 @@ def dequantize_nf4(w: NF4Weight, dtype: Optional[torch.dtype] = None) -> Tensor:
     return out.reshape(w.shape).to(dtype or w.dtype)
 
 
-def from_bnb(obj) -> NF4Weight:
+def from_bnb(obj, checked: bool = True) -> NF4Weight:
     """bitsandbytes' ``Linear4bit`` / ``Params4bit`` (quantized, any ``quant_storage``, with or without
-    ``compress_statistics``) as an ``NF4Weight`` over the same storage (views, no copy of the codes)."""
+    ``compress_statistics``) as an ``NF4Weight`` over the same storage (views, no copy of the codes).
+    ``checked=False`` skips ``check_nf4`` (a caller that checked this storage before)."""
     param = getattr(obj, "weight", obj)
     st = getattr(param, "quant_state", None)
     check(st is not None, "weight", f"expected a quantized bitsandbytes Params4bit / Linear4bit, got "
           f"{type(obj).__name__} without a quant_state (move it to its device first to quantize it)")
+    check(not getattr(st, "packing_format_for_cpu", False), "weight",
+          "bitsandbytes repacked this weight for its CPU inference kernel (packing_format_for_cpu, absmax "
+          "rounded to bfloat16), which is not its 4-bit layout any more; run the model once in training mode "
+          "or with inputs that require grad before that happens, or move it to a GPU (.cuda() restores it)")
     data = param.data if isinstance(param, Tensor) else param
     packed = data.reshape(-1).view(torch.uint8) if data.dtype != torch.uint8 else data.reshape(-1)
     nested = None
@@ -198,5 +203,28 @@ def from_bnb(obj) -> NF4Weight:
         nested = NestedStats(s2.absmax.float(), s2.code.float(), int(s2.blocksize), float(st.offset))
     shape = tuple(int(d) for d in st.shape)
     w = NF4Weight(packed, st.absmax, shape, int(st.blocksize), st.quant_type, st.code.float(), st.dtype, nested)
-    check_nf4(w)
+    if checked:
+        check_nf4(w)
     return w
+
+
+# ---------------------------------------------------------------- the op boundary
+_QUANT_TYPES = tuple(LEVELS)
+
+
+def nf4_parts(w: NF4Weight) -> tuple[list, list, list]:
+    """``w`` as the flat lists a ``torch.library`` op takes: tensors (packed, absmax, code, and with
+    double quantisation absmax2, code2), ints (out, in, blocksize, blocksize2 or 0, dtype, quant
+    type) and floats (offset)."""
+    s = w.nested
+    tensors = [w.packed, w.absmax, w.code] + ([] if s is None else [s.absmax2, s.code2])
+    ints = [w.shape[0], w.shape[1], w.blocksize, 0 if s is None else s.blocksize2, FLOAT_DTYPES.index(w.dtype),
+            _QUANT_TYPES.index(w.quant_type)]
+    return tensors, ints, [0.0 if s is None else float(s.offset)]
+
+
+def nf4_from_parts(tensors: list, ints: list, floats: list) -> NF4Weight:
+    """The inverse of ``nf4_parts``."""
+    nested = None if ints[3] == 0 else NestedStats(tensors[3], tensors[4], ints[3], floats[0])
+    return NF4Weight(tensors[0], tensors[1], (ints[0], ints[1]), ints[2], _QUANT_TYPES[ints[5]], tensors[2],
+                     FLOAT_DTYPES[ints[4]], nested)
