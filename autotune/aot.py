@@ -20,6 +20,11 @@ bundles): registers, stack bytes, and the counts of ``HGMMA`` (wgmma),
 ``UTMALDG``/``UTMASTG`` (TMA), ``LDGSTS`` (cp.async) and ``LDL``/``STL``
 (spills). ``tests/test_aot_compile.py`` asserts no spills for each of them and
 the Hopper instructions for the sm_90 GEMM.
+
+``--mode`` (``$POSTTRAIN_KERNELS_AOT`` in the test) picks what a run covers: ``space`` (the
+whole config space, no SASS: the README's test command), ``sass`` (the default picks with
+every variant and their SASS: CI runs it with the GPU machines' Triton), ``full`` (both; this
+command's default).
 """
 from __future__ import annotations
 
@@ -39,17 +44,35 @@ from .config import SMEM_BYTES, Config
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 
 
-def jobs(cc: int, kernels: list[str] | None = None) -> list[tuple]:
-    """(kernel, cc, config dict, dtype, rank block, variant index, is a default pick) of every compile."""
+MODES = ("space", "sass", "full")
+MODE_VAR = "POSTTRAIN_KERNELS_AOT"
+
+
+def mode_from_env() -> str:
+    """``$POSTTRAIN_KERNELS_AOT``: ``space`` (default), ``sass`` or ``full`` (see ``jobs``)."""
+    mode = (os.environ.get(MODE_VAR) or "space").lower()
+    if mode not in MODES:
+        raise ValueError(f"{MODE_VAR} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def jobs(cc: int, kernels: list[str] | None = None, mode: str = "full") -> list[tuple]:
+    """(kernel, cc, config dict, dtype, rank block, variant index, is a default pick) of every compile.
+
+    ``space``: every (config, dtype, rank block) the launchers may pick, the variants dealt
+    round-robin (compile errors, shared memory). ``sass`` (sm_90 and up; else as ``space``): every
+    default pick with every variant, each read from its SASS. ``full``: both."""
     out, seen = [], {}
+    sass = mode in ("sass", "full") and cc >= 90
     for name, spec in REGISTRY.items():
         if kernels is not None and name not in kernels:
             continue
-        for i, (cfg, dtype, block_r) in enumerate(spec.compiled_space(cc)):
-            job = (name, cc, cfg.to_dict(), dtype, block_r, i % len(spec.variants))
-            seen[_ident(job)] = len(out)
-            out.append(job + (False,))
-        for cfg, dtype, block_r in sorted(spec.defaults(cc) if cc >= 90 else (), key=str):
+        if mode != "sass" or not sass:
+            for i, (cfg, dtype, block_r) in enumerate(spec.compiled_space(cc)):
+                job = (name, cc, cfg.to_dict(), dtype, block_r, i % len(spec.variants))
+                seen[_ident(job)] = len(out)
+                out.append(job + (False,))
+        for cfg, dtype, block_r in sorted(spec.defaults(cc) if sass else (), key=str):
             for v in range(len(spec.variants)):
                 job = (name, cc, cfg.to_dict(), dtype, block_r, v)
                 if _ident(job) in seen:
@@ -126,7 +149,7 @@ def compile_one(job: tuple) -> dict:
         sig, constexprs, attrs = signature(spec, cfg, dtype, block_r, variant)
         src = ASTSource(spec.fn, signature=sig, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **spec.options})
         shared = int(compiled.metadata.shared)
         budget = SMEM_BYTES[cc]
         row.update(ok=shared <= budget, shared=shared, budget=budget,
@@ -139,12 +162,13 @@ def compile_one(job: tuple) -> dict:
     return row
 
 
-def run(ccs: list[int], workers: int, kernels: list[str] | None = None, progress=None) -> list[dict]:
-    """Compile every job for the targets ``ccs``. ``progress(done, total, row)``
+def run(ccs: list[int], workers: int, kernels: list[str] | None = None, progress=None,
+        mode: str = "full") -> list[dict]:
+    """Compile every job of ``mode`` for the targets ``ccs``. ``progress(done, total, row)``
     is called after each compile."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("ahead-of-time compile needs TRITON_INTERPRET unset")
-    todo = [j for cc in ccs for j in jobs(cc, kernels)]
+    todo = [j for cc in ccs for j in jobs(cc, kernels, mode)]
     rows = []
     if workers <= 1:
         results = map(compile_one, todo)
@@ -176,11 +200,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cc", type=int, action="append", help="compute capability (80, 90); repeatable")
     ap.add_argument("--kernel", action="append", help=f"only these kernels ({', '.join(REGISTRY)})")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--mode", choices=MODES, default="full",
+                    help="space: every config a launcher may pick; sass: every default pick with every variant, "
+                         "its SASS read (sm_90); full: both (default)")
     ap.add_argument("--json", help="write every row to this file")
     ap.add_argument("--quiet", action="store_true", help="no progress line per compile")
     args = ap.parse_args(argv)
     ccs = args.cc or [90, 80]
-    rows = run(ccs, args.workers, args.kernel, None if args.quiet else _print_progress)
+    rows = run(ccs, args.workers, args.kernel, None if args.quiet else _print_progress, args.mode)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
