@@ -1,6 +1,6 @@
 """``posttrain-kernels``: the benchmark / self-check and tuning command.
 
-    posttrain-kernels bench [lora|multi-lora|moe|moe-lora|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
+    posttrain-kernels bench [lora|multi-lora|moe|moe-lora|qlora|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
                             [--json F] [--csv F] [--md F] [--plot F.png]
     posttrain-kernels tune [--preset llama-3-8b] [--shape K,N] [--tokens 8192] [--rank 16] [--output F]
 
@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-BENCHES = ("lora", "multi-lora", "moe", "moe-lora")
+BENCHES = ("lora", "multi-lora", "moe", "moe-lora", "qlora")
 # Relative error (norm-wise, fwd and every gradient) allowed per dtype.
 TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
 
@@ -134,6 +134,9 @@ def main(argv=None) -> int:
             from . import moe_lora
             results += moe_lora.run(_shapes(smoke, args.quick, moe_lora.SMOKE_SHAPES, moe_lora.GPU_SHAPES), timer,
                                     peaks)
+        if which == "qlora":
+            from . import qlora
+            results += qlora.run(_shapes(smoke, args.quick, qlora.SMOKE_SHAPES, qlora.GPU_SHAPES), timer, peaks)
         write_outputs()
     print(table())
     if args.plot:

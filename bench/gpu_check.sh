@@ -59,7 +59,7 @@ warm() {  # every process compiles what its own workload launches; Triton's disk
     rm -rf "$c"
     POSTTRAIN_KERNELS_COMPILE_ONLY="$c/gpu-tests" python3 -m pytest tests -m gpu -q -n "$JOBS" \
         -p no:cacheprovider > "$OUT/warm-gpu-tests.log" 2>&1 &
-    for family in lora multi-lora moe moe-lora; do
+    for family in lora multi-lora moe moe-lora qlora; do
         POSTTRAIN_KERNELS_COMPILE_ONLY="$c/bench-$family" python3 -m posttrain_kernels.bench bench "$family" \
             --quick > "$OUT/warm-bench-$family.log" 2>&1 &
     done
