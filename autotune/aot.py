@@ -67,13 +67,14 @@ def jobs(cc: int, kernels: list[str] | None = None, mode: str = "full") -> list[
     for name, spec in REGISTRY.items():
         if kernels is not None and name not in kernels:
             continue
+        variants = spec.variant_indices(cc)
         if mode != "sass" or not sass:
             for i, (cfg, dtype, block_r) in enumerate(spec.compiled_space(cc)):
-                job = (name, cc, cfg.to_dict(), dtype, block_r, i % len(spec.variants))
+                job = (name, cc, cfg.to_dict(), dtype, block_r, variants[i % len(variants)])
                 seen[_ident(job)] = len(out)
                 out.append(job + (False,))
         for cfg, dtype, block_r in sorted(spec.defaults(cc) if sass else (), key=str):
-            for v in range(len(spec.variants)):
+            for v in variants:
                 job = (name, cc, cfg.to_dict(), dtype, block_r, v)
                 if _ident(job) in seen:
                     out[seen[_ident(job)]] = job + (True,)
@@ -87,7 +88,7 @@ def _ident(job: tuple) -> str:
     return json.dumps(job[:6], sort_keys=True)
 
 
-SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "LDL", "STL")
+SASS_OPS = ("HGMMA", "QGMMA", "HMMA", "UTMALDG", "UTMASTG", "LDGSTS", "LDL", "STL")
 
 
 def sass_stats(cubin: bytes) -> dict:

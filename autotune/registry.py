@@ -42,6 +42,8 @@ class AotVariant:
     ``ones``: integer arguments equal to 1 (unit strides, specialised away by
     the JIT). ``plain``: integer arguments not known to be multiples of 16;
     every other integer gets the divisibility attribute, as model shapes do.
+    ``min_cc``: the lowest target the variant compiles for (Triton has no
+    e4m3 below sm_89, so the fp8 variants of the decoding kernels start there).
     """
 
     name: str
@@ -50,6 +52,7 @@ class AotVariant:
     ones: frozenset = frozenset()
     plain: frozenset = frozenset()
     adapter_fp32: bool = False
+    min_cc: int = 0  # the targets it exists on (fp8 e4m3 operands: sm_89 and up)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,10 @@ class KernelSpec:
     rank_cap: int = RANK_BLOCKS[-1]  # rank-blocked kernels: the widest rank tile (larger ranks: more programs)
     picked: Callable = lambda dtype, cc: True  # whether the launchers run this kernel for dtype on cc
     options: dict = dataclasses.field(default_factory=dict)  # compile options of every launch (enable_fp_fusion)
+
+    def variant_indices(self, cc: int) -> list[int]:
+        """The variants (indices into ``variants``) that exist on target ``cc``."""
+        return [i for i, v in enumerate(self.variants) if v.min_cc <= cc]
 
     def block_r(self, R: int) -> int:
         """The rank tile of a rank-blocked kernel at rank R: R padded to a

@@ -1,7 +1,7 @@
 """``posttrain-kernels``: the benchmark / self-check and tuning command.
 
-    posttrain-kernels bench [lora|multi-lora|moe|moe-lora|qlora|all] [--quick] [--smoke] [--providers P,..] [--modes M,..]
-                            [--json F] [--csv F] [--md F] [--plot F.png]
+    posttrain-kernels bench [lora|multi-lora|moe|moe-lora|qlora|all] [--quick] [--smoke] [--providers P,..]
+                            [--modes M,..] [--json F] [--csv F] [--md F] [--plot F.png]
     posttrain-kernels tune [--preset llama-3-8b] [--shape K,N] [--tokens 8192] [--rank 16] [--output F]
 
 On a CUDA machine it benchmarks the kernels at model shapes against the

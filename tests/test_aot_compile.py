@@ -73,7 +73,8 @@ def test_every_config_compiles(cc, tmp_path):
         dtypes = {d for _, d, _ in spec.compiled_space(cc)}
         assert {r["dtype"] for r in rows if r["kernel"] == name} == dtypes, name
         if dtypes:
-            assert {r["variant"] for r in rows if r["kernel"] == name} == {v.name for v in spec.variants}, name
+            assert {r["variant"] for r in rows if r["kernel"] == name} == \
+                {spec.variants[i].name for i in spec.variant_indices(cc)}, name
     if mode == "full" and cc >= 90:
         _check_sass(rows)
 
@@ -85,7 +86,7 @@ def _check_sass(rows):
         for cfg, dtype, block_r in spec.defaults(90):
             got = {r["variant"] for r in defaults if r["kernel"] == name and r["dtype"] == dtype
                    and r["block_r"] == block_r and r["config"] == cfg.to_dict()}
-            assert got == {v.name for v in spec.variants}, (name, dtype, block_r, cfg)
+            assert got == {spec.variants[i].name for i in spec.variant_indices(90)}, (name, dtype, block_r, cfg)
     known = KNOWN_STACKS.get(triton_version(), {})
     spills = {(r["kernel"], r["dtype"], r["block_r"], json.dumps(r["config"], sort_keys=True), r["variant"]):
               (r["sass"]["stack"], r["sass"]["LDL"], r["sass"]["STL"])
@@ -104,10 +105,14 @@ def _check_sass(rows):
                 and r["config"]["BLOCK_M"] >= 64:
             # each expert's GEMM on wgmma (operands through cp.async: a row tile ends at its expert's end)
             assert r["sass"]["HGMMA"] > 0 and r["sass"]["LDGSTS"] > 0, (r["variant"], r["config"], r["sass"])
-        if r["kernel"] in ("nf4_lora_matmul", "nf4_multi_lora_matmul") and r["dtype"] != "float32":
+        if r["kernel"] in ("quant_lora_matmul", "quant_multi_lora_matmul") and r["dtype"] != "float32":
             # the decoded weight tile feeds the tensor cores: wgmma from 64 rows, mma.sync below
             op = "HGMMA" if r["config"]["BLOCK_M"] >= 64 else "HMMA"
-            assert r["sass"][op] > 0 and r["sass"]["LDGSTS"] > 0, (r["kernel"], r["variant"], r["config"], r["sass"])
+            assert r["sass"][op] > 0, (r["kernel"], r["variant"], r["config"], r["sass"])
+        if r["kernel"] == "fp8_lora_matmul_tma":
+            # fp8 wgmma on operands that TMA copied into shared memory
+            assert r["sass"]["QGMMA"] > 0 and r["sass"]["UTMALDG"] > 0, (r["variant"], r["config"], r["sass"])
     assert {r["kernel"] for r in defaults} >= {"lora_matmul_tma", "multi_lora_matmul_tma", "lora_dy", "lora_x",
                                                "expert_lora_matmul", "expert_lora_matmul_runs", "expert_lora_matmul_tma",
-                                               "nf4_lora_matmul", "nf4_multi_lora_matmul", "nf4_dequant"}
+                                               "quant_lora_matmul", "quant_multi_lora_matmul", "quant_dequant",
+                                               "fp8_act_quant", "fp8_lora_matmul_tma"}

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..backend import check_backend
 from ..common import FLOAT_DTYPES, MAX_RANK, check, is_fp32_number, linear_autocast
-from ..quant.weight import check_quantized, is_quantized, value_key
+from ..quant.weight import check_quantized, device_of, is_quantized, value_key
 from .op import run_lora_bwd, run_lora_fwd
 
 
@@ -92,7 +92,7 @@ class _QuantKey:
     its tensors (a changed scale is checked again)."""
 
     def __init__(self, w):
-        self.shape, self.dtype, self.device = w.shape, w.dtype, w.packed.device
+        self.shape, self.dtype, self.device = w.shape, w.dtype, device_of(w)
         self.key = value_key(w)
 
     def __eq__(self, other):
@@ -131,7 +131,7 @@ def check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
         check(bias.dtype in FLOAT_DTYPES, "bias", f"dtype must be float16, bfloat16 or float32, got {bias.dtype}")
     for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
         if v is not None:
-            device = v.packed.device if quantized and name == "weight" else v.device
+            device = device_of(v) if quantized and name == "weight" else v.device
             check(device == x.device, name, f"must be on x's device {x.device}, got {device}")
     check(is_fp32_number(scale), "scale", f"expected a float finite in fp32 (|scale| <= 3.4e38), got {scale!r}")
     check(isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0, "dropout_p",

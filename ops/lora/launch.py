@@ -38,15 +38,14 @@ from torch import Tensor
 
 from ...autotune.cache import RESET_HOOKS, select_config
 from ...autotune.lora import LORA_DY, LORA_MATMUL, LORA_MATMUL_TMA, LORA_SHRINK, LORA_X, MATMUL_BLOCK_R
-from ...autotune.quant import NF4_LORA_MATMUL
-from ..backend import (GEMM_VAR, descriptor_copy, device_info, ensure_tma_allocator, gemm_path, misalignment,
-                       num_sms, on_device, tma_addressable, tma_row_stride)
+from ...autotune.quant import FP8_BLOCK, FP8_LORA_MATMUL, FP8_LORA_MATMUL_TMA, QUANT_LORA_MATMUL
+from ..backend import (GEMM_VAR, compute_capability, descriptor_copy, device_info, ensure_tma_allocator, gemm_path,
+                       misalignment, num_sms, on_device, tma_addressable, tma_row_stride)
 from ..common import cdiv, dtype_name
 from ..dropout import dropout_threshold
-from ..quant.launch import (check_tile, decode_in_loop, dequantize_triton, nf4_offset, nf4_pointers, nf4_scalars,
-                            w_round)
-from ..quant.nf4 import NF4Weight
-from ..quant.weight import structure
+from ..quant.launch import (check_tile, dequantize_triton, fp8_quantize_act, gemm_mode, w_round, weight_offset,
+                            weight_pointers, weight_scalars)
+from ..quant.weight import parts, structure
 
 FUSE_VAR = "POSTTRAIN_KERNELS_FUSE_SHRINK"
 
@@ -65,6 +64,7 @@ class _Launch:
         missing = [name for name in rest if name not in kwargs]
         if missing or any(name in kwargs for name in data):
             raise ValueError(f"{spec.name}: plan arguments do not match the kernel's ({missing or data})")
+        self.kernel = spec.name
         self.tail = tuple(kwargs[name] for name in rest)
         extra = {k: v for k, v in kwargs.items() if k not in rest}  # num_warps, num_stages
         self.run = functools.partial(spec.fn[grid], **extra)
@@ -135,25 +135,60 @@ def _gemm_launch(x: Tensor, w: Tensor, t_strides: tuple, u: Tensor, has_bias: bo
         stride_ym=N, stride_yn=1, EVEN_K=K % cfg["BLOCK_K"] == 0, **LORA_MATMUL.launch_kwargs(cfg)))
 
 
-def _nf4_gemm_launch(x: Tensor, w: NF4Weight, transposed: bool, u: Tensor, has_bias: bool, R: int,
-                     dropout_p: float, fuse: bool, a_strides: tuple = (0, 0)) -> _Launch:
-    """The launch of y [M, N] = x [M, K]·wᵀ + scale·(t [M, R]·uᵀ)(⊙ keep) + bias with w the 4-bit
+def _decoding_gemm_launch(x: Tensor, w, transposed: bool, u: Tensor, has_bias: bool, R: int,
+                          dropout_p: float, fuse: bool, a_strides: tuple = (0, 0)) -> _Launch:
+    """The launch of y [M, N] = x [M, K]·wᵀ + scale·(t [M, R]·uᵀ)(⊙ keep) + bias with w a quantized
     weight [WN, WK] read as [N, K] (forward) or, ``transposed``, as [K, N] (dx), decoded in the main
     loop; ``fuse``: t = x·aᵀ from the same tiles (a [R, K], ``a_strides``). The call passes the
     tensors, then ``scale`` and the weight's scale offset."""
     M, K = x.shape
     WN, WK = w.shape
     N = WK if transposed else WN
-    cfg = select_config(NF4_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device),
+    cfg = select_config(QUANT_LORA_MATMUL, dtype_name(x.dtype), device_info(x.device),
                         N=N, K=K, layout="wT" if transposed else "w", M=M)
-    check_tile(w, cfg["BLOCK_N"] if transposed else cfg["BLOCK_K"], NF4_LORA_MATMUL.name)
-    return _Launch(NF4_LORA_MATMUL, (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), 14, dict(
+    check_tile(w, cfg["BLOCK_N"] if transposed else cfg["BLOCK_K"], QUANT_LORA_MATMUL.name)
+    return _Launch(QUANT_LORA_MATMUL, (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), 14, dict(
         M=M, N=N, K=K, R=R, WN=WN, WK=WK, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_tm=R, stride_tr=1,
         stride_un=u.stride(0), stride_ur=u.stride(1), stride_ar=a_strides[0], stride_ak=a_strides[1],
         stride_ym=N, stride_yn=1, drop_threshold=dropout_threshold(dropout_p), W_NMAJOR=transposed,
         W_ROUND=w_round(w, x.dtype),
         HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0.0, FUSE_SHRINK=fuse, EVEN_K=K % cfg["BLOCK_K"] == 0,
-        **nf4_scalars(w), **NF4_LORA_MATMUL.launch_kwargs(cfg)))
+        **weight_scalars(w), **QUANT_LORA_MATMUL.launch_kwargs(cfg)))
+
+
+def _fp8_gemm_launch(xq: Tensor, w, transposed: bool, u: Tensor, has_bias: bool, R: int, dropout_p: float,
+                     dtype: torch.dtype, choice: Optional[str]) -> _Launch:
+    """The launch of the fp8 tensor-core GEMM: y [M, N] (``dtype``) = Σ_kb (x_q·w_qᵀ)·sx·sw + scale·t·uᵀ
+    (⊙ keep) + bias, x_q [M, K] e4m3 with 1×128 scales, w an fp8 weight [WN, WK] read as [N, K]
+    (forward) or, ``transposed``, as [K, N] (dx: its per-row scales, if that is its scaling, are then
+    folded into x). On sm_90 (``choice``: ``POSTTRAIN_KERNELS_GEMM``, as ``gemm_path``) x_q and the
+    weight go through TMA where a descriptor can read them (16-byte rows and base). The call passes
+    the tensors, then ``scale``."""
+    M, K = xq.shape
+    WN, WK = w.shape
+    N = WK if transposed else WN
+    scale_cols = cdiv(WK, FP8_BLOCK)  # the row stride of a 128×128 scale grid
+    w_scale = (0 if transposed else 1) if w.block is None else 2
+    common = dict(M=M, N=N, K=K, R=R, KB=cdiv(K, FP8_BLOCK), stride_tm=R, stride_tr=1, stride_un=u.stride(0),
+                  stride_ur=u.stride(1), stride_ym=N, drop_threshold=dropout_threshold(dropout_p), W_SCALE=w_scale,
+                  HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0.0, stride_sn=1 if transposed else scale_cols,
+                  stride_sk=scale_cols if transposed else 1)
+    choice = (choice or "auto").lower()
+    tma = choice != "portable" and (choice == "tma" or (compute_capability(xq.device) or 0) >= 90) \
+        and K % 16 == 0 and WK % 16 == 0 and w.data.data_ptr() % 16 == 0
+    layout = "wT" if transposed else "w"
+    if tma:
+        cfg = select_config(FP8_LORA_MATMUL_TMA, dtype_name(dtype), device_info(xq.device), N=N, K=K, layout=layout,
+                            M=M)
+        programs = max(1, min(cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), num_sms(xq.device)))
+        return _Launch(FP8_LORA_MATMUL_TMA, (programs,), 10, dict(
+            common, num_programs=programs, stride_w=WK, W_NMAJOR=transposed,
+            **FP8_LORA_MATMUL_TMA.launch_kwargs(cfg)))
+    cfg = select_config(FP8_LORA_MATMUL, dtype_name(dtype), device_info(xq.device), N=N, K=K, layout=layout, M=M)
+    # transposed: reduction over W's rows, element (n, k) of the [K, N] view at k·WK + n
+    return _Launch(FP8_LORA_MATMUL, (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), 10, dict(
+        common, stride_wn=1 if transposed else WK, stride_wk=WK if transposed else 1,
+        **FP8_LORA_MATMUL.launch_kwargs(cfg)))
 
 
 def _shrink_launch(x: Tensor, a: Tensor, dropout_p: float) -> _Launch:
@@ -175,14 +210,18 @@ def _seed(seed: Optional[Tensor], dropout_p: float, dummy: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- forward
-def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
+def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env, mode=None) -> _Plan:
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
-    if isinstance(weight, NF4Weight):  # decoded in the main loop, which can also compute t
+    if mode == "inloop":  # decoded in the main loop, which can also compute t
         fuse = dropout_p == 0.0 and R <= MATMUL_BLOCK_R and (env[1] or "1") != "0"
         shrink = None if fuse else _shrink_launch(x, lora_a, dropout_p)
-        gemm = _nf4_gemm_launch(x, weight, False, lora_b, bias is not None, R, 0.0, fuse, lora_a.stride())
-        return _Plan((shrink, gemm), {"tma": False, "nf4": True})
+        gemm = _decoding_gemm_launch(x, weight, False, lora_b, bias is not None, R, 0.0, fuse, lora_a.stride())
+        return _Plan((shrink, gemm), {"tma": False, "path": "inloop"})
+    if mode == "mma":  # x quantised by a pre-pass, which also computes t (without dropout)
+        shrink = None if dropout_p == 0.0 else _shrink_launch(x, lora_a, dropout_p)
+        gemm = _fp8_gemm_launch(x, weight, False, lora_b, bias is not None, R, 0.0, x.dtype, env[0])
+        return _Plan((shrink, gemm), {"tma": False, "path": "mma"})
     path = gemm_path(x, weight, N, env[0])
     fuse = (path == "tma" and dropout_p == 0.0 and R <= MATMUL_BLOCK_R and (env[1] or "1") != "0")
     # The fused shrink reads A through a descriptor, in x's dtype: A as it is when a descriptor can
@@ -192,7 +231,7 @@ def _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, env) -> _Plan:
     shrink = None if fuse else _shrink_launch(x, lora_a, dropout_p)
     gemm = _gemm_launch(x, weight, (R, 1), lora_b, bias is not None, R, 0.0, path, fuse,
                         stride_ar=lora_a.stride(0) if a_stride is None else a_stride)
-    return _Plan((shrink, gemm), {"tma": path == "tma", "nf4": False, "a_stride": a_stride})
+    return _Plan((shrink, gemm), {"tma": path == "tma", "path": path, "a_stride": a_stride})
 
 
 def _weight_key(x: Tensor, weight, *others) -> tuple:
@@ -200,31 +239,41 @@ def _weight_key(x: Tensor, weight, *others) -> tuple:
     the other TMA operands'), a quantized one's structure."""
     if isinstance(weight, Tensor):
         return weight.shape, weight.stride(), misalignment(x, weight, *others)
-    return structure(weight)
+    return structure(weight), misalignment(*parts(weight)[1])
 
 
 @on_device
 def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]; ``weight`` a dense [N, K] tensor or
-    a 4-bit ``NF4Weight`` (decoded in the GEMM up to a few hundred tokens, ``quant/launch.py``,
-    else once into a dense buffer)."""
+    a quantized one (``ops/quant``: decoded in the GEMM up to a few hundred tokens, above either
+    through the fp8 tensor-core GEMM or once into a dense buffer: ``quant/launch.py: gemm_mode``)."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     t = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, t
-    if isinstance(weight, NF4Weight) and not decode_in_loop(weight, M):
-        weight = dequantize_triton(weight, x.dtype)
+    mode = None
+    if not isinstance(weight, Tensor):
+        mode = gemm_mode(weight, x, M)
+        if mode == "buffer":
+            weight, mode = dequantize_triton(weight, x.dtype), None
     key = ("fwd", x.shape, lora_a.shape, x.stride(), lora_a.stride(), lora_b.stride(), x.dtype, lora_a.dtype,
-           lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, _weight_key(x, weight, lora_a))
-    plan = _PLANS.get(key) or _remember(key, _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, _env()))
+           lora_b.dtype, None if bias is None else bias.dtype, dropout_p, x.device, mode,
+           _weight_key(x, weight, lora_a))
+    plan = _PLANS.get(key) or _remember(key, _fwd_plan(x, weight, lora_a, lora_b, bias, dropout_p, _env(), mode))
     shrink, gemm = plan.launches
     if shrink is not None:
         shrink(x, lora_a, t, _seed(seed, dropout_p, t), 1.0 / (1.0 - dropout_p))
     bias_t = bias.contiguous() if bias is not None else y  # the kernels read bias at unit stride
-    if plan.info["nf4"]:
-        gemm(x, *nf4_pointers(weight), t, lora_b, lora_a, bias_t, y, y, float(scale), nf4_offset(weight))
+    if plan.info["path"] == "inloop":
+        gemm(x, *weight_pointers(weight), t, lora_b, lora_a, bias_t, y, y, float(scale), weight_offset(weight))
+    elif plan.info["path"] == "mma":
+        xq, sx, t_fused = fp8_quantize_act(x, lora_a=None if shrink is not None else lora_a)
+        t = t if shrink is not None else t_fused
+        data, w_scale = weight_pointers(weight)[:2]
+        ensure_tma_allocator()
+        gemm(xq, sx, data, w_scale, t, lora_b, bias_t, y, y, float(scale))
     elif plan.info["tma"]:
         ensure_tma_allocator()
         a_stride = plan.info["a_stride"]
@@ -236,7 +285,7 @@ def lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
 
 
 # ---------------------------------------------------------------- backward
-def _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, env) -> _Plan:
+def _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, env, mode=None) -> _Plan:
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
     block_r = LORA_DY.block_r(R)  # = LORA_X.block_r(R)
@@ -269,14 +318,17 @@ def _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, e
     # dx = dY·W0 + (dt·A)⊙keep/(1-p): W0 [N, K] read as a [K, N] "w", A [R, K] as a [K, R] "u".
     dx = None
     path = "portable"
-    if needs_dx and isinstance(weight, NF4Weight):
-        path = "nf4"
-        dx = _nf4_gemm_launch(dy, weight, True, lora_a.t(), False, R, dropout_p, False)
+    if needs_dx and mode == "inloop":
+        path = "inloop"
+        dx = _decoding_gemm_launch(dy, weight, True, lora_a.t(), False, R, dropout_p, False)
+    elif needs_dx and mode == "mma":
+        path = "mma"
+        dx = _fp8_gemm_launch(dy, weight, True, lora_a.t(), False, R, dropout_p, dy.dtype, env[0])
     elif needs_dx:
         wt = weight.t()
         path = gemm_path(dy, wt, K, env[0])
         dx = _gemm_launch(dy, wt, (R, 1), lora_a.t(), False, R, dropout_p, path, False)
-    return _Plan((dy_pass, x_pass, dx), {"tma": path == "tma", "nf4": path == "nf4", "split": split})
+    return _Plan((dy_pass, x_pass, dx), {"tma": path == "tma", "path": path, "split": split})
 
 
 @on_device
@@ -288,12 +340,15 @@ def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, ne
     if M == 0:
         return (x.new_empty((0, K)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_a),
                 torch.zeros_like(lora_b), dy.new_zeros((N,) if needs_dbias else (0,), dtype=torch.float32))
-    if isinstance(weight, NF4Weight) and needs_dx and not decode_in_loop(weight, M):
-        weight = dequantize_triton(weight, x.dtype)
+    mode = None
+    if not isinstance(weight, Tensor):
+        mode = gemm_mode(weight, dy, M) if needs_dx else "none"
+        if mode == "buffer":
+            weight, mode = dequantize_triton(weight, x.dtype), None
     key = ("bwd", x.shape, lora_a.shape, dy.stride(), x.stride(), lora_a.stride(), lora_b.stride(), x.dtype,
-           lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device, _weight_key(dy, weight))
+           lora_a.dtype, lora_b.dtype, dropout_p, needs_dx, needs_dbias, x.device, mode, _weight_key(dy, weight))
     plan = _PLANS.get(key) or _remember(
-        key, _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, _env()))
+        key, _bwd_plan(dy, x, weight, lora_a, lora_b, dropout_p, needs_dx, needs_dbias, _env(), mode))
     dy_pass, x_pass, dx_gemm = plan.launches
     dev, f32 = x.device, torch.float32
     split = plan.info["split"]
@@ -311,9 +366,15 @@ def lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, ne
     if dx_gemm is not None:
         # W0 and A are read transposed: the plan has their strides, the kernel takes their data.
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        if plan.info["nf4"]:
-            dx_gemm(dy, *nf4_pointers(weight), dt, lora_a, dx, dx, dx, _seed(seed, dropout_p, dx),
-                    1.0 / (1.0 - dropout_p), nf4_offset(weight))
+        if plan.info["path"] == "inloop":
+            dx_gemm(dy, *weight_pointers(weight), dt, lora_a, dx, dx, dx, _seed(seed, dropout_p, dx),
+                    1.0 / (1.0 - dropout_p), weight_offset(weight))
+        elif plan.info["path"] == "mma":
+            data, w_scale = weight_pointers(weight)[:2]
+            # dY quantised per 1×128 block along N, a per-row weight scale (N of them) folded in first
+            dyq, sdy, _ = fp8_quantize_act(dy, col_scale=w_scale if weight.block is None else None)
+            ensure_tma_allocator()
+            dx_gemm(dyq, sdy, data, w_scale, dt, lora_a, dx, dx, _seed(seed, dropout_p, dx), 1.0 / (1.0 - dropout_p))
         elif plan.info["tma"]:
             ensure_tma_allocator()
             dx_gemm(dy, weight, dt, lora_a, dx, dx, dx, _seed(seed, dropout_p, dx), 1.0 / (1.0 - dropout_p))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..backend import check_backend
 from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values, linear_autocast
-from ..quant.weight import check_quantized, is_quantized
+from ..quant.weight import check_quantized, device_of, is_quantized
 from .op import run_multi_lora_bwd, run_multi_lora_fwd
 
 
@@ -114,7 +114,7 @@ def check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids,
     for name, v in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("ranks", ranks),
                     ("scales", scales), ("adapter_ids", adapter_ids), ("bias", bias)):
         if v is not None:
-            device = v.packed.device if quantized and name == "weight" else v.device
+            device = device_of(v) if quantized and name == "weight" else v.device
             check(device == x.device, name, f"must be on x's device {x.device}, got {device}")
     if dropout_p is not None:
         check(isinstance(dropout_p, Tensor) and tuple(dropout_p.shape) == (S,) and dropout_p.dtype == torch.float32

@@ -29,8 +29,7 @@ from ...autotune.multi_lora import MULTI_LORA_GRAD, MULTI_LORA_MATMUL, MULTI_LOR
 from ..backend import GEMM_VAR, device_info, ensure_tma_allocator, gemm_path, num_sms, on_device
 from ..common import cdiv, dtype_name
 from ..dropout import multi_dropout_tables
-from ..quant.launch import decode_in_loop, dequantize_triton, nf4_multi_lora_matmul
-from ..quant.nf4 import NF4Weight
+from ..quant.launch import dequantize_triton, gemm_mode, quant_multi_lora_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +177,8 @@ def matmul(x: Tensor, w: Tensor, bias: Optional[Tensor], rows: RowOrder, t: Tens
     ``sliced_output`` slice i writes its own columns only."""
     M, K = x.shape
     N = w.shape[0]
-    if isinstance(w, NF4Weight):  # the forward over a 4-bit weight, decoded in the main loop
-        nf4_multi_lora_matmul(x, w, bias, rows, t, b, stack, y)
+    if not isinstance(w, Tensor):  # the forward over a quantized weight, decoded in the main loop
+        quant_multi_lora_matmul(x, w, bias, rows, t, b, stack, y)
         return
     common = dict(
         x_ptr=x, bias_ptr=bias.contiguous() if bias is not None else y,  # read at unit stride
@@ -227,9 +226,10 @@ def grad(p: Tensor, q: Tensor, rows: RowOrder, seg: Tensor, stack: AdapterStack,
 @on_device
 def multi_lora_fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p, seeds):
     """(y [M, N], t [M, slices·R] fp32 in sorted order, perm, sid) for a 2-D x; ``weight`` dense or
-    4-bit (decoded in the GEMM at few tokens, else once into a dense buffer: ``quant/launch.py``)."""
+    quantized (decoded in the GEMM at few tokens, else once into a dense buffer: ``quant/launch.py``;
+    the fp8 tensor-core GEMM has no multi-adapter form)."""
     M = x.shape[0]
-    if isinstance(weight, NF4Weight) and not decode_in_loop(weight, M):
+    if not isinstance(weight, Tensor) and gemm_mode(weight, x, M) != "inloop":
         weight = dequantize_triton(weight, x.dtype)
     stack = AdapterStack.build(lora_b, ranks, scales, slices, dropout_p, seeds)
     rows = RowOrder.sort(adapter_ids)
@@ -251,9 +251,9 @@ def multi_lora_fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapte
 def multi_lora_bwd_triton(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx,
                           needs_dlora, needs_dbias, dropout_p, seeds):
     """(dx [M, K] or empty, dA like lora_a and dB like lora_b or both empty,
-    dbias [N] fp32 or empty). A 4-bit weight is decoded into a buffer for dx."""
+    dbias [N] fp32 or empty). A quantized weight is decoded into a buffer for dx."""
     M, K = x.shape
-    if isinstance(weight, NF4Weight) and needs_dx:
+    if not isinstance(weight, Tensor) and needs_dx:
         weight = dequantize_triton(weight, x.dtype)
     stack = AdapterStack.build(lora_b, ranks, scales, slices, dropout_p, seeds)
     rows = RowOrder(perm, sid)

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import check_backend, use_triton
-from .weight import check_quantized_once, dequantize, format_of
+from .weight import check_quantized_once, dequantize, device_of
 
 
 def dequantize_weight(w, dtype: torch.dtype, backend: Optional[str] = None) -> Tensor:
     """The dense ``[out, in]`` weight in ``dtype`` (the format's own decoding, bit for bit): the
     Triton decode kernel on CUDA (and under the interpreter), PyTorch on the CPU."""
-    if use_triton(w.packed.device, check_backend(backend)) and format_of(w) == "nf4":
+    if use_triton(device_of(w), check_backend(backend)):
         from .launch import dequantize_triton
         return dequantize_triton(w, dtype)
     return dequantize(w, dtype)

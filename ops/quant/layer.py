@@ -1,10 +1,12 @@
 """Linear layers over a quantized frozen weight, and what the LoRA layers need to wrap them.
 
-* ``QuantLinear``: our own 4-bit linear layer (bitsandbytes' storage, no bitsandbytes needed):
-  ``QuantLinear.from_linear(linear)``, or ``quantize_model(model)`` for every linear layer.
-* ``is_quantized_linear(m)``: a ``QuantLinear`` or bitsandbytes' ``Linear4bit`` (QLoRA's base).
-* ``quantized_weight(m)``: its weight as an ``NF4Weight`` over the same storage (no copy),
-  memoised per storage: the layers call it every forward.
+* ``QuantLinear``: our own quantized linear layer, 4 bits (bitsandbytes' storage, no bitsandbytes
+  needed) or fp8: ``QuantLinear.from_linear(linear, format)``, or ``quantize_model(model, format)``
+  for every linear layer.
+* ``is_quantized_linear(m)``: a ``QuantLinear``, bitsandbytes' ``Linear4bit`` (QLoRA's base) or
+  transformers' ``FP8Linear`` (an HF FP8 checkpoint's layer).
+* ``quantized_weight(m)``: its weight as an ``NF4Weight`` / ``FP8Weight`` over the same storage (no
+  copy), memoised per storage: the layers call it every forward.
 * ``QuantizedBase``: the part of ``LoRALinear`` / ``MultiLoRALinear`` that differs over such a
   base (``ops/lora/layer.py: QLoRALinear``, ``ops/multi_lora/layer.py``): the base layer is kept
   as ``base_layer`` (its own state-dict entries, bitsandbytes' quant state included), the forward
@@ -23,98 +25,116 @@ import torch
 from torch import nn
 
 from ..common import FLOAT_DTYPES, check, set_submodule
+from .fp8 import E4M3, from_hf_fp8, quantize_fp8
 from .function import quant_linear
-from .nf4 import BLOCKSIZES, LEVELS, NestedStats, NF4Weight, check_nf4, from_bnb, quantize_nf4
+from .nf4 import from_bnb, quantize_nf4
+from .weight import check_quantized, device_of, from_parts, parts
 
 _BNB_4BIT = ("Linear4bit", "LinearNF4", "LinearFP4")
+# QuantLinear's buffers per format: NF4Weight's fields, and an fp8 weight under HF FP8 checkpoints' names
+_BUFFERS = {"nf4": ("packed", "absmax", "code", "absmax2", "code2"), "fp8": ("weight", "weight_scale_inv")}
 
 
 class QuantLinear(nn.Module):
-    """A frozen linear layer over a 4-bit weight in bitsandbytes' layout (``NF4Weight``), for models
-    without bitsandbytes. Buffers (saved in the state dict): ``packed`` (uint8 codes), ``absmax``,
-    ``code`` and, with double-quantised scales, ``absmax2`` / ``code2``; ``bias`` a frozen Parameter.
-    ``forward(x)`` = ``x·Wᵀ + bias`` with W decoded to its dtype, then to x's, as ``Linear4bit``."""
+    """A frozen linear layer over a quantized weight, for models without bitsandbytes or an FP8
+    checkpoint: 4 bits in bitsandbytes' layout (``NF4Weight``: buffers ``packed``, ``absmax``,
+    ``code`` and, with double-quantised scales, ``absmax2`` / ``code2``) or fp8 e4m3 (``FP8Weight``:
+    ``weight`` and ``weight_scale_inv``, HF FP8 checkpoints' names); ``bias`` a frozen Parameter.
+    ``forward(x)`` = ``x·Wᵀ + bias`` with W decoded to its dtype, then to x's."""
 
-    def __init__(self, weight: NF4Weight, bias: Optional[torch.Tensor] = None):
+    def __init__(self, weight, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        check_nf4(weight)
+        check_quantized(weight, "weight")
+        self.format, tensors, self._ints, self._floats = parts(weight)
         self.out_features, self.in_features = weight.shape
-        self.blocksize, self.quant_type, self.dtype = weight.blocksize, weight.quant_type, weight.dtype
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("absmax", weight.absmax)
-        self.register_buffer("code", weight.code)
-        s = weight.nested
-        self.nested = None if s is None else (s.blocksize2, s.offset)
-        if s is not None:
-            self.register_buffer("absmax2", s.absmax2)
-            self.register_buffer("code2", s.code2)
+        for name, t in zip(_BUFFERS[self.format], tensors):
+            self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4") -> "QuantLinear":
-        """``linear``'s weight quantized (``quantize_nf4``: bitsandbytes' codes bit for bit), its bias kept."""
+    def from_linear(cls, linear: nn.Linear, format: str = "nf4", **options) -> "QuantLinear":
+        """``linear``'s weight quantized, its bias kept: ``format="nf4"`` (``quantize_nf4``:
+        bitsandbytes' codes bit for bit; options ``blocksize``, ``quant_type``) or ``"fp8"``
+        (``quantize_fp8``; options ``scaling="row"|"block"``, ``block``)."""
         check(type(linear) is nn.Linear, "linear", f"expected an nn.Linear, got {type(linear).__name__}")
-        return cls(quantize_nf4(linear.weight, blocksize, quant_type), linear.bias)
+        check(format in _BUFFERS, "format", f"expected 'nf4' or 'fp8', got {format!r}")
+        quantize = quantize_nf4 if format == "nf4" else quantize_fp8
+        return cls(quantize(linear.weight, **options), linear.bias)
 
-    def quantized_weight(self) -> NF4Weight:
+    def quantized_weight(self):
         """The weight over this layer's buffers (no copy)."""
-        nested = None if self.nested is None else NestedStats(self.absmax2, self.code2, *self.nested)
-        return NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.blocksize,
-                         self.quant_type, self.code, self.dtype, nested)
+        tensors = [getattr(self, name) for name in _BUFFERS[self.format] if hasattr(self, name)]
+        return from_parts(self.format, tensors, self._ints, self._floats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
+        w = self.quantized_weight()
+        kind = (f"{w.quant_type} blocksize={w.blocksize}" if self.format == "nf4" else
+                f"fp8 e4m3, {'row' if w.block is None else 'x'.join(map(str, w.block))} scales")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self.quant_type} blocksize={self.blocksize}, dtype={str(self.dtype).removeprefix('torch.')}")
+                f"{kind}, dtype={str(w.dtype).removeprefix('torch.')}")
 
 
-def quantize_model(model: nn.Module, blocksize: int = 64, quant_type: str = "nf4",
-                   skip: Iterable[str] = ("lm_head",)) -> list[str]:
+def quantize_model(model: nn.Module, format: str = "nf4", skip: Iterable[str] = ("lm_head",),
+                   **options) -> list[str]:
     """Replace every ``nn.Linear`` of ``model`` (but those whose name matches one of ``skip``, a
-    name or its last component, or a full-match regex) by a ``QuantLinear`` of its weight. Returns
-    the replaced names. The 4-bit codes equal bitsandbytes' for the same weights."""
-    check(blocksize in BLOCKSIZES, "blocksize", f"expected one of {BLOCKSIZES}, got {blocksize!r}")
-    check(quant_type in LEVELS, "quant_type", f"expected 'nf4' or 'fp4', got {quant_type!r}")
+    name or its last component, or a full-match regex) by a ``QuantLinear`` of its weight in
+    ``format`` (``QuantLinear.from_linear``'s options: 4 bits ``blocksize=64, quant_type="nf4"``,
+    whose codes equal bitsandbytes' for the same weights; fp8 ``scaling="row"|"block"``). Returns
+    the replaced names."""
+    check(format in _BUFFERS, "format", f"expected 'nf4' or 'fp8', got {format!r}")
     skip = list(skip)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n
              and not any(n == s or n.endswith("." + s) or re.fullmatch(s, n) for s in skip)]
-    for n in names:
-        set_submodule(model, n, QuantLinear.from_linear(model.get_submodule(n), blocksize, quant_type))
+    layers = {n: QuantLinear.from_linear(model.get_submodule(n), format, **options) for n in names}  # checks first
+    for n, layer in layers.items():
+        set_submodule(model, n, layer)
     return names
 
 
+def _hf_fp8(module: nn.Module) -> bool:
+    """transformers' ``FP8Linear`` holding e4m3 weights (an HF FP8 checkpoint's linear layer)."""
+    return type(module).__name__ == "FP8Linear" and getattr(getattr(module, "weight", None), "dtype", None) == E4M3
+
+
 def is_quantized_linear(module: nn.Module) -> bool:
-    """A linear layer whose weight is stored quantized: ``QuantLinear``, or bitsandbytes'
-    ``Linear4bit`` once quantized (its weight carries a quant state)."""
-    if isinstance(module, QuantLinear):
+    """A linear layer whose weight is stored quantized: ``QuantLinear``, bitsandbytes' ``Linear4bit``
+    once quantized (its weight carries a quant state), or transformers' ``FP8Linear``."""
+    if isinstance(module, QuantLinear) or _hf_fp8(module):
         return True
     return type(module).__name__ in _BNB_4BIT and getattr(module.weight, "quant_state", None) is not None
 
 
-# bitsandbytes weights seen before: id(Params4bit) -> (weak reference, storage key, NF4Weight), checked
-# once per storage. An entry goes with its parameter (a finalizer), so its views keep no storage alive.
-_BNB_SEEN: dict = {}
+# Library layers seen before: id(weight Parameter) -> (weak reference, storage key, quantized weight),
+# checked once per storage. An entry goes with its parameter (a finalizer), so its views keep no storage alive.
+_SEEN: dict = {}
 
 
-def quantized_weight(module: nn.Module) -> NF4Weight:
-    """The layer's weight as an ``NF4Weight`` over its own storage. For bitsandbytes' layer, the
-    first call for a storage checks it (shapes, dtypes, finite scales); later calls only build the
-    view (a forward pays no device sync)."""
+def quantized_weight(module: nn.Module):
+    """The layer's weight as an ``NF4Weight`` / ``FP8Weight`` over its own storage. For a library's
+    layer (bitsandbytes, transformers' FP8), the first call for a storage checks it (shapes, dtypes,
+    finite scales); later calls only build the view (a forward pays no device sync)."""
     if isinstance(module, QuantLinear):
         return module.quantized_weight()
     param = module.weight
-    st = param.quant_state
-    key = (param.data_ptr(), id(st), st.absmax.data_ptr(), st.absmax._version,
-           getattr(st, "packing_format_for_cpu", False))
-    seen = _BNB_SEEN.get(id(param))
+    if _hf_fp8(module):
+        scale = module.weight_scale_inv
+        key = (param.data_ptr(), param._version, scale.data_ptr(), scale._version)
+        read = from_hf_fp8
+    else:
+        st = param.quant_state
+        key = (param.data_ptr(), id(st), st.absmax.data_ptr(), st.absmax._version,
+               getattr(st, "packing_format_for_cpu", False))
+        read = from_bnb
+    seen = _SEEN.get(id(param))
     if seen is not None and seen[0]() is param and seen[1] == key:
         return seen[2]
-    w = from_bnb(module)
+    w = read(module)
     if seen is None:
-        weakref.finalize(param, _BNB_SEEN.pop, id(param), None)
-    _BNB_SEEN[id(param)] = (weakref.ref(param), key, w)
+        weakref.finalize(param, _SEEN.pop, id(param), None)
+    _SEEN[id(param)] = (weakref.ref(param), key, w)
     return w
 
 
@@ -128,7 +148,7 @@ def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
 class QuantizedBase:
     """Mixin of the LoRA layers over a quantized base (``QLoRALinear``, ``QMultiLoRALinear``): put
     before the layer's class. ``_adopt`` keeps the base layer as ``base_layer``; ``bias`` is the
-    base's; ``weight_nk`` is the ``NF4Weight`` the kernels decode."""
+    base's; ``weight_nk`` is the quantized weight the kernels read."""
 
     quantized = True
 
@@ -146,12 +166,12 @@ class QuantizedBase:
         return self.base_layer.bias
 
     @property
-    def weight_nk(self) -> NF4Weight:
+    def weight_nk(self):
         return quantized_weight(self.base_layer)
 
     @property
     def base_device(self) -> torch.device:
-        return self.weight_nk.packed.device
+        return device_of(self.weight_nk)
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -173,8 +193,8 @@ class QuantizedBase:
 
     def merge(self) -> None:
         raise RuntimeError(f"{type(self).__name__}.merge(): the base weight is quantized, and base + s·B·A is not "
-                           f"representable in its 4-bit codes: merging would requantize the sum and change the "
-                           f"base for good (PEFT warns of the same rounding). Keep the adapter unmerged (a rank-r "
+                           f"representable in its quantized codes: merging would requantize the sum and change "
+                           f"the base for good (PEFT warns of the same rounding). Keep the adapter unmerged (a rank-r "
                            f"term inside the fused kernel), or take a dense merged copy with merged_linear()")
 
     def unmerge(self) -> None:

@@ -15,14 +15,21 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .fp8 import FP8Weight, check_fp8, dequantize_fp8, fp8_from_parts, fp8_parts
 from .nf4 import NF4Weight, check_nf4, dequantize_nf4, nf4_from_parts, nf4_parts
 
-QuantizedWeight = Union[NF4Weight]
-FORMATS = {"nf4": (NF4Weight, nf4_parts, nf4_from_parts, dequantize_nf4, check_nf4)}
+QuantizedWeight = Union[NF4Weight, FP8Weight]
+FORMATS = {"nf4": (NF4Weight, nf4_parts, nf4_from_parts, dequantize_nf4, check_nf4),
+           "fp8": (FP8Weight, fp8_parts, fp8_from_parts, dequantize_fp8, check_fp8)}
 
 
 def is_quantized(w) -> bool:
-    return isinstance(w, NF4Weight)
+    return isinstance(w, (NF4Weight, FP8Weight))
+
+
+def device_of(w) -> torch.device:
+    """The device a quantized weight's tensors are on."""
+    return parts(w)[1][0].device
 
 
 def format_of(w) -> str:
@@ -84,5 +91,3 @@ def weight_shape(w) -> tuple:
     return tuple(w.shape)
 
 
-def weight_device(w) -> torch.device:
-    return w.device if isinstance(w, Tensor) else parts(w)[1][0].device
