@@ -18,13 +18,16 @@ Public API:
   ``moe_combine``, the layers ``ExpertChoiceMoE`` and ``TopKMoE``, and sparse
   upcycling with ``upcycle_mlp`` / ``upcycle_model``; expert parallelism with
   ``layer.shard_experts(group)`` and ``expert_parallel_parameter_names``.
-* Quantized frozen bases (QLoRA): ``lora_linear`` / ``multi_lora_linear``
+* Quantized frozen bases (QLoRA, fp8): ``lora_linear`` / ``multi_lora_linear``
   take an ``NF4Weight`` (bitsandbytes' 4-bit storage, decoded inside the
-  kernels); ``LoRALinear.from_linear`` / ``apply_lora`` / ``AdapterPool`` /
-  ``patch_peft`` accept bitsandbytes' ``Linear4bit`` (``QLoRALinear``,
-  ``QMultiLoRALinear``); ``quantize_nf4`` (bitsandbytes' codes bit for bit),
-  ``dequantize_nf4``, ``from_bnb``, ``QuantLinear`` / ``quantize_model`` (4-bit
-  layers without bitsandbytes), ``dequantize_weight``.
+  kernels) or an ``FP8Weight`` (e4m3, per-row or tile scales; the fp8 tensor
+  cores at training sizes); ``LoRALinear.from_linear`` / ``apply_lora`` /
+  ``AdapterPool`` / ``patch_peft`` accept bitsandbytes' ``Linear4bit`` and
+  transformers' ``FP8Linear`` (``QLoRALinear``, ``QMultiLoRALinear``);
+  ``quantize_nf4`` (bitsandbytes' codes bit for bit), ``dequantize_nf4``,
+  ``from_bnb``, ``quantize_fp8``, ``dequantize_fp8``, ``from_hf_fp8``,
+  ``QuantLinear`` / ``quantize_model`` (quantized layers without either
+  library), ``dequantize_weight``.
 * LoRA on MoE experts: ``layer.add_expert_lora(...)``, ``expert_lora_linear``
   (each expert's GEMM with its adapter fused in, forward and backward),
   ``ExpertLoRAFunction``, ``expert_lora_mixed`` (a mixed batch of expert
@@ -41,6 +44,7 @@ from .ops.moe import (ExpertChoiceMoE, ExpertLoRAFunction, MoECombineFunction, M
                       router_z_loss, select_experts, topk_route, upcycle_mlp, upcycle_model)
 from .ops.multi_lora import MultiLoRALinear, MultiLoRALinearFunction, QMultiLoRALinear, multi_lora_linear
 from .ops.quant import NF4Weight, dequantize_nf4, dequantize_weight, from_bnb, quantize_nf4
+from .ops.quant.fp8 import FP8Weight, dequantize_fp8, from_hf_fp8, quantize_fp8
 from .ops.quant.layer import QuantLinear, quantize_model
 
 __version__ = "0.1.0"
@@ -58,6 +62,7 @@ __all__ = [
     "ExpertChoiceMoE", "TopKMoE", "convert_moe", "upcycle_mlp", "upcycle_model", "expert_parallel_parameter_names",
     # quantized frozen bases
     "NF4Weight", "quantize_nf4", "dequantize_nf4", "from_bnb", "QuantLinear", "quantize_model", "dequantize_weight",
+    "FP8Weight", "quantize_fp8", "dequantize_fp8", "from_hf_fp8",
     "QLoRALinear", "QMultiLoRALinear",
     # LoRA on MoE experts
     "expert_lora_linear", "ExpertLoRAFunction", "expert_lora_mixed", "peft_expert_factors",

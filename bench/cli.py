@@ -27,11 +27,11 @@ def _reexec_under_interpreter(argv) -> int:
     return subprocess.call([sys.executable, "-m", "posttrain_kernels.bench", *argv], env=env)
 
 
-def _shapes(smoke: bool, quick: bool, smoke_shapes: list, gpu_shapes: list) -> list:
+def _shapes(smoke: bool, quick: bool, smoke_shapes: list, gpu_shapes: list, headline: int = 1) -> list:
     """The shapes of one bench: small ones in smoke mode, model shapes on a
-    GPU; ``--quick`` keeps the first (the headline shape) in either mode."""
+    GPU; ``--quick`` keeps the first ``headline`` (the headline shapes) in either mode."""
     shapes = smoke_shapes if smoke else gpu_shapes
-    return shapes[:1] if quick else shapes
+    return shapes[:headline] if quick else shapes
 
 
 def main(argv=None) -> int:
@@ -136,7 +136,8 @@ def main(argv=None) -> int:
                                     peaks)
         if which == "qlora":
             from . import qlora
-            results += qlora.run(_shapes(smoke, args.quick, qlora.SMOKE_SHAPES, qlora.GPU_SHAPES), timer, peaks)
+            results += qlora.run(_shapes(smoke, args.quick, qlora.SMOKE_SHAPES, qlora.GPU_SHAPES, qlora.HEADLINE),
+                                 timer, peaks)
         write_outputs()
     print(table())
     if args.plot:
