@@ -251,3 +251,15 @@ def test_inloop_threshold_is_read_per_call(device, monkeypatch):
         pk.lora_linear(x, w, a, b, 1.0)
         assert any(p.info["path"] == "inloop" for p in _PLANS.values()) == inloop, M
     cache.reset()
+
+
+def test_strided_storage_reads_as_its_contiguous_copy(device, quant_gemm):
+    # codes and scales held as strided views (every other element of a larger buffer)
+    quant_gemm("inloop")
+    w = nf4(24, 128, 64, device=device)
+    spread = dataclasses.replace(w, packed=torch.stack([w.packed, w.packed]).t().reshape(-1)[::2],
+                                 absmax=torch.stack([w.absmax, w.absmax]).t().reshape(-1)[::2])
+    assert spread.packed.stride() == (2,) and torch.equal(spread.packed, w.packed)
+    x, a, b, bias = _inputs((5,), 128, 24, 4, torch.float32, torch.float32, device)
+    torch.testing.assert_close(pk.lora_linear(x, spread, a, b, 1.0, bias), pk.lora_linear(x, w, a, b, 1.0, bias),
+                               rtol=0, atol=0)

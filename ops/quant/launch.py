@@ -89,13 +89,14 @@ def quant_code(w) -> int:
 
 
 def weight_pointers(w) -> tuple:
-    """The five weight pointers every quantized kernel takes (``kernels/quant.py``); a format's
-    unused ones are stood in for by one of its own tensors (never read)."""
+    """The five weight pointers every quantized kernel takes (``kernels/quant.py``), contiguous; a
+    format's unused ones are stood in for by one of its own tensors (never read)."""
     if isinstance(w, FP8Weight):
         data, scale = w.data.contiguous(), w.scale.contiguous()
         return data, scale, scale, scale, scale
     s = w.nested
-    return (w.packed, w.absmax, w.code) + ((w.absmax, w.code) if s is None else (s.absmax2, s.code2))
+    flat = (w.packed, w.absmax, w.code) + ((w.absmax, w.code) if s is None else (s.absmax2, s.code2))
+    return tuple(t.contiguous() for t in flat)  # the kernels index them flat (views of strided storage: copies)
 
 
 def weight_scalars(w) -> dict:
