@@ -240,17 +240,22 @@ def prune_fp8_matmul(cfgs, dtype: str, cc: int, block_r=None) -> list[Config]:
     return [c for c in cfgs if cc is not None and cc >= 89 and fp8_matmul_smem(c) <= smem_budget(cc)]
 
 
-def default_fp8_matmul(dtype: str, cc, dims: dict) -> Config:
-    """By the token count; ``cc=None`` (the interpreter, which runs fp8 dots exactly): small tiles."""
-    if cc is None:
-        return Config.make(BLOCK_M=16, BLOCK_N=32, BLOCK_K=FP8_BLOCK, GROUP_M=2, num_warps=2, num_stages=1)
-    by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c for c in prune_fp8_matmul(fp8_matmul_space(dtype), dtype, cc)}
+def _fp8_pick(space: list, dims: dict) -> Config:
+    """The tile by the output shape (not yet timed on a GPU)."""
+    by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c for c in space}
     M, N = dims["M"], dims["N"]
     if M >= 1024 and N >= 1024:
         return by_tile[(128, 128)]
     if M >= 128:
         return by_tile[(64, 128)]
     return by_tile[(64, 64)]
+
+
+def default_fp8_matmul(dtype: str, cc, dims: dict) -> Config:
+    """By the token count; ``cc=None`` (the interpreter, which runs fp8 dots exactly): small tiles."""
+    if cc is None:
+        return Config.make(BLOCK_M=16, BLOCK_N=32, BLOCK_K=FP8_BLOCK, GROUP_M=2, num_warps=2, num_stages=1)
+    return _fp8_pick(prune_fp8_matmul(fp8_matmul_space(dtype), dtype, cc), dims)
 
 
 _FP8_MM_POINTERS = {"xq_ptr": "fp8e4nv", "sx_ptr": "fp32", "w_ptr": "fp8e4nv", "sw_ptr": "fp32", "t_ptr": "fp32",
@@ -286,13 +291,7 @@ def default_fp8_tma(dtype: str, cc, dims: dict) -> Config:
     """As the pointer kernel's; ``cc=None`` (the interpreter runs it only when a test asks): small tiles."""
     if cc is None:
         return default_fp8_matmul(dtype, None, dims)
-    by_tile = {(c["BLOCK_M"], c["BLOCK_N"]): c for c in prune_fp8_tma(fp8_matmul_space(dtype), dtype, cc)}
-    M, N = dims["M"], dims["N"]
-    if M >= 1024 and N >= 1024:
-        return by_tile[(128, 128)]
-    if M >= 128:
-        return by_tile[(64, 128)]
-    return by_tile[(64, 64)]
+    return _fp8_pick(prune_fp8_tma(fp8_matmul_space(dtype), dtype, cc), dims)
 
 
 _FP8_TMA_PLAIN = frozenset({"M", "R", "KB", "num_programs", "drop_threshold", "stride_tm", "stride_un", "stride_ur",

@@ -100,6 +100,21 @@ def _fp8_act_quant_kernel(
 
 
 @triton.jit
+def promote(acc, part, sx_ptr, sw_ptr, rows, cols, kb, KB, stride_sn, stride_sk, W_SCALE: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """acc + the fp32 product of one 128-deep block (``part``) scaled by x's block scales (rows) and,
+    for tile-scaled weights (W_SCALE 2), the weight's tile scales (columns); a per-row weight scale
+    (W_SCALE 1) factors out of the sum and is applied once, after the loop."""
+    sx = tl.load(sx_ptr + rows * KB + kb)
+    if W_SCALE == 2:
+        sw = tl.load(sw_ptr + (cols // BLOCK_K) * stride_sn + kb * stride_sk)
+        acc += part * sx[:, None] * sw[None, :]  # (not the sx ⊗ sw tile: 64 more registers a thread)
+    else:
+        acc += part * sx[:, None]
+    return acc
+
+
+@triton.jit
 def _fp8_lora_matmul_kernel(
     xq_ptr,  # [M, K]  e4m3, contiguous (x_q forward, dY_q backward)
     sx_ptr,  # [M, KB] fp32  their 1×128 scales
@@ -145,12 +160,7 @@ def _fp8_lora_matmul_kernel(
         xq = tl.load(xq_ptr + rows[:, None] * K + ks[None, :], mask=inside[None, :], other=0.0)
         wq = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=inside[:, None], other=0.0)
         part = tl.dot(xq, wq)
-        sx = tl.load(sx_ptr + rows * KB + kb)
-        if W_SCALE == 2:
-            sw = tl.load(sw_ptr + (cols // BLOCK_K) * stride_sn + kb * stride_sk)
-            acc += part * sx[:, None] * sw[None, :]  # (not the sx ⊗ sw tile: 64 more registers a thread)
-        else:
-            acc += part * sx[:, None]
+        acc = promote(acc, part, sx_ptr, sw_ptr, rows, cols, kb, KB, stride_sn, stride_sk, W_SCALE, BLOCK_K)
     if W_SCALE == 1:
         acc = acc * tl.load(sw_ptr + cols)[None, :]
 
@@ -202,12 +212,7 @@ def _fp8_lora_matmul_tma_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, KB):
             part = tl.dot(x_desc.load([off_m, kb * BLOCK_K]), tma_weight_tile(w_desc, off_n, kb * BLOCK_K, W_NMAJOR))
-            sx = tl.load(sx_ptr + rows * KB + kb)
-            if W_SCALE == 2:
-                sw = tl.load(sw_ptr + (cols // BLOCK_K) * stride_sn + kb * stride_sk)
-                acc += part * sx[:, None] * sw[None, :]  # (not the sx ⊗ sw tile: 64 more registers a thread)
-            else:
-                acc += part * sx[:, None]
+            acc = promote(acc, part, sx_ptr, sw_ptr, rows, cols, kb, KB, stride_sn, stride_sk, W_SCALE, BLOCK_K)
         if W_SCALE == 1:
             acc = acc * tl.load(sw_ptr + cols)[None, :]
         # ---- low-rank term (t from memory), bias, cast, masked store

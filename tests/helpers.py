@@ -69,3 +69,21 @@ def gloo_group(rank: int, world: int, port: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def assert_same_in_a_cuda_graph(fn):
+    """``fn()`` (no host sync inside) run eagerly, then captured in a CUDA graph (after a warm-up on a
+    side stream: compiles and plans are built outside the capture) and replayed: the replay's output
+    must equal the eager one bit for bit."""
+    want = fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want), "the graph's replay differs from the eager run"

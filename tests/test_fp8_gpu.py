@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import GPU, assert_close_rule
+from helpers import GPU, assert_close_rule, assert_same_in_a_cuda_graph
 from test_fp8 import fp8, x_hat
 
 import posttrain_kernels as pk
@@ -61,15 +61,4 @@ def test_fp8_gemm_forward_in_a_cuda_graph():
     w = fp8(4096, 4096, "block", torch.bfloat16, GPU)
     x = torch.randn(1024, 4096, device=GPU).bfloat16()
     a, b = torch.randn(16, 4096, device=GPU) * 0.01, torch.randn(4096, 16, device=GPU) * 0.01
-    want = pk.lora_linear(x, w, a, b, 2.0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        pk.lora_linear(x, w, a, b, 2.0)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = pk.lora_linear(x, w, a, b, 2.0)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, want)
+    assert_same_in_a_cuda_graph(lambda: pk.lora_linear(x, w, a, b, 2.0))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import GPU, assert_close_rule
+from helpers import GPU, assert_close_rule, assert_same_in_a_cuda_graph
 from test_qlora import nf4
 
 import posttrain_kernels as pk
@@ -73,15 +73,4 @@ def test_inloop_forward_in_a_cuda_graph():
     w = nf4(N, K, 64, torch.bfloat16, nested=True, device=GPU)
     x = torch.randn(M, K, device=GPU).bfloat16()
     a, b = torch.randn(r, K, device=GPU) * 0.01, torch.randn(N, r, device=GPU) * 0.01
-    want = pk.lora_linear(x, w, a, b, 2.0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        pk.lora_linear(x, w, a, b, 2.0)  # warm: compile, plans
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = pk.lora_linear(x, w, a, b, 2.0)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, want)
+    assert_same_in_a_cuda_graph(lambda: pk.lora_linear(x, w, a, b, 2.0))

@@ -6,8 +6,8 @@ The flat ``torch.library`` boundary: each op runs the Triton launchers
 rule of ``ops/backend.py``, and has a fake implementation for tracing. A
 quantized weight (``ops/quant``) is an object; eager calls hand it to the
 implementations as it is, and traced ones cross the boundary as the
-``q*`` ops' flat lists (``ops/quant/weight.py: parts``). ``run_lora_fwd`` /
-``run_lora_bwd`` pick the op by the weight.
+``q*`` ops' flat lists (``ops/quant/weight.py: parts``, ``call_weight_op``).
+``run_lora_fwd`` / ``run_lora_bwd`` pick the op by the weight.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import OP_CALLS, call_op, traced, use_triton
-from ..quant.weight import dequantize, from_parts, parts
+from ..backend import use_triton
+from ..quant.weight import call_weight_op, dequantize, from_parts
 from .launch import lora_bwd_triton, lora_fwd_triton
 from .reference import lora_bwd_ref, lora_fwd_ref
 
@@ -67,26 +67,12 @@ qlora_bwd = torch.library.custom_op("posttrain_kernels::qlora_bwd", mutates_args
 
 
 def run_lora_fwd(x, weight, *args):
-    """``lora_fwd`` (a dense weight) or ``qlora_fwd`` (a quantized one), as ``call_op`` runs an op:
-    traced, the registered op; eager, the implementation, which takes the weight object as it is
-    (counted as ``qlora_fwd_impl``: no flattening on the per-call path)."""
-    if isinstance(weight, Tensor):
-        return call_op(lora_fwd, lora_fwd_impl, x, weight, *args)
-    if traced(x):
-        fmt, wq, wint, wfloat = parts(weight)
-        return qlora_fwd(x, wq, fmt, wint, wfloat, *args)
-    OP_CALLS["qlora_fwd_impl"] += 1
-    return lora_fwd_impl(x, weight, *args)
+    """``lora_fwd`` (a dense weight) or ``qlora_fwd`` (a quantized one): ``call_weight_op``."""
+    return call_weight_op((lora_fwd, lora_fwd_impl, qlora_fwd, qlora_fwd_impl), 1, x, weight, *args)
 
 
 def run_lora_bwd(dy, x, weight, *args):
-    if isinstance(weight, Tensor):
-        return call_op(lora_bwd, lora_bwd_impl, dy, x, weight, *args)
-    if traced(dy):
-        fmt, wq, wint, wfloat = parts(weight)
-        return qlora_bwd(dy, x, wq, fmt, wint, wfloat, *args)
-    OP_CALLS["qlora_bwd_impl"] += 1
-    return lora_bwd_impl(dy, x, weight, *args)
+    return call_weight_op((lora_bwd, lora_bwd_impl, qlora_bwd, qlora_bwd_impl), 2, dy, x, weight, *args)
 
 
 @lora_fwd.register_fake

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import OP_CALLS, call_op, traced, use_triton
-from ..quant.weight import dequantize, from_parts, parts
+from ..backend import use_triton
+from ..quant.weight import call_weight_op, dequantize, from_parts
 from .launch import multi_lora_bwd_triton, multi_lora_fwd_triton
 from .reference import multi_lora_bwd_ref, multi_lora_fwd_ref
 
@@ -76,25 +76,14 @@ multi_qlora_bwd = torch.library.custom_op("posttrain_kernels::multi_qlora_bwd",
 
 
 def run_multi_lora_fwd(x, weight, *args):
-    """``multi_lora_fwd`` (a dense weight) or ``multi_qlora_fwd`` (a quantized one), as ``call_op``
-    runs an op (eager: the implementation takes the weight object as it is)."""
-    if isinstance(weight, Tensor):
-        return call_op(multi_lora_fwd, multi_lora_fwd_impl, x, weight, *args)
-    if traced(x):
-        fmt, wq, wint, wfloat = parts(weight)
-        return multi_qlora_fwd(x, wq, fmt, wint, wfloat, *args)
-    OP_CALLS["multi_qlora_fwd_impl"] += 1
-    return multi_lora_fwd_impl(x, weight, *args)
+    """``multi_lora_fwd`` (a dense weight) or ``multi_qlora_fwd`` (a quantized one): ``call_weight_op``."""
+    return call_weight_op((multi_lora_fwd, multi_lora_fwd_impl, multi_qlora_fwd, multi_qlora_fwd_impl), 1, x, weight,
+                          *args)
 
 
 def run_multi_lora_bwd(dy, x, weight, *args):
-    if isinstance(weight, Tensor):
-        return call_op(multi_lora_bwd, multi_lora_bwd_impl, dy, x, weight, *args)
-    if traced(dy):
-        fmt, wq, wint, wfloat = parts(weight)
-        return multi_qlora_bwd(dy, x, wq, fmt, wint, wfloat, *args)
-    OP_CALLS["multi_qlora_bwd_impl"] += 1
-    return multi_lora_bwd_impl(dy, x, weight, *args)
+    return call_weight_op((multi_lora_bwd, multi_lora_bwd_impl, multi_qlora_bwd, multi_qlora_bwd_impl), 2, dy, x,
+                          weight, *args)
 
 
 def _fwd_fake(x, N, lora_b, slices):

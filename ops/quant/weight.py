@@ -91,3 +91,21 @@ def weight_shape(w) -> tuple:
     return tuple(w.shape)
 
 
+
+
+def call_weight_op(ops: tuple, pos: int, *args):
+    """``ops = (op, impl, quantized op, quantized impl)`` called as ``backend.call_op`` calls an op, the
+    weight being ``args[pos]``: a dense weight goes to ``op``; a quantized one, when traced, to the
+    quantized op with the weight as ``parts`` (its tensors, format, ints, floats in its place), and
+    in eager calls to ``impl`` as the object it is (no flattening on the per-call path; counted in
+    ``OP_CALLS`` under the quantized implementation's name)."""
+    from ..backend import OP_CALLS, call_op, traced
+    op, impl, qop, qimpl = ops
+    weight = args[pos]
+    if isinstance(weight, Tensor):
+        return call_op(op, impl, *args)
+    if traced(args[0]):
+        fmt, tensors, ints, floats = parts(weight)
+        return qop(*args[:pos], tensors, fmt, ints, floats, *args[pos + 1:])
+    OP_CALLS[qimpl.__name__] += 1
+    return impl(*args)
