@@ -62,9 +62,14 @@ class QuantLinear(nn.Module):
         return cls(quantize(linear.weight, **options), linear.bias)
 
     def quantized_weight(self):
-        """The weight over this layer's buffers (no copy)."""
+        """The weight over this layer's buffers (no copy); the same object while the buffers are
+        the same tensors (a ``.to()`` or a load makes new ones, and a new weight)."""
         tensors = [getattr(self, name) for name in _BUFFERS[self.format] if hasattr(self, name)]
-        return from_parts(self.format, tensors, self._ints, self._floats)
+        key = tuple(id(t) for t in tensors)
+        cached = self.__dict__.get("_weight")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_weight"] = (key, from_parts(self.format, tensors, self._ints, self._floats))
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.quantized_weight(), self.bias)

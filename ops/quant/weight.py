@@ -40,9 +40,14 @@ def format_of(w) -> str:
 
 
 def parts(w) -> tuple[str, list, list, list]:
-    """(format, tensors, ints, floats) of a quantized weight."""
-    fmt = format_of(w)
-    return (fmt, *FORMATS[fmt][1](w))
+    """(format, tensors, ints, floats) of a quantized weight. Computed once per weight object and
+    kept in its ``__dict__`` (the weights are frozen dataclasses: nothing a field holds changes; a
+    ``dataclasses.replace`` makes a new object): every call of a layer reads them several times."""
+    cached = w.__dict__.get("_parts")
+    if cached is None:
+        fmt = format_of(w)
+        cached = w.__dict__["_parts"] = (fmt, *FORMATS[fmt][1](w))
+    return cached
 
 
 def from_parts(fmt: str, tensors: list, ints: list, floats: list):
@@ -56,9 +61,14 @@ def dequantize(w, dtype: torch.dtype) -> Tensor:
 
 
 def structure(w) -> tuple:
-    """Everything a launch plan depends on, values aside: format, shapes, dtypes, block sizes."""
-    fmt, tensors, ints, _ = parts(w)
-    return (fmt, tuple(ints), tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+    """Everything a launch plan depends on, values aside: format, shapes, dtypes, block sizes
+    (kept on the weight object, as ``parts``)."""
+    cached = w.__dict__.get("_structure")
+    if cached is None:
+        fmt, tensors, ints, _ = parts(w)
+        cached = w.__dict__["_structure"] = (fmt, tuple(ints),
+                                             tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+    return cached
 
 
 def check_quantized(w, name: str = "weight") -> None:
