@@ -231,3 +231,18 @@ def test_fp8_layers_and_peft(device):
     assert isinstance(ours, pk.QLoRALinear) and ours(torch.randn(3, 256)).shape == (3, 96)
     with pytest.raises(RuntimeError, match="quantized"):
         ours.merge()
+
+
+def test_hf_fp8_checkpoint_state_loads_into_quant_linear():
+    """An HF FP8 checkpoint's linear layer (``weight`` e4m3, ``weight_scale_inv`` per 128×128 tile,
+    ``bias``) loads into ``QuantLinear(fp8, block)`` as it is: the same names and shapes."""
+    q = fp8(130, 256, "block")
+    state = {"weight": q.data.clone(), "weight_scale_inv": q.scale.clone(), "bias": torch.randn(130)}
+    layer = pk.QuantLinear.from_linear(torch.nn.Linear(256, 130), "fp8", scaling="block")
+    before = layer.quantized_weight()
+    layer.load_state_dict(state)
+    w = layer.quantized_weight()
+    assert w is before and torch.equal(w.data.view(torch.uint8), q.data.view(torch.uint8))  # loaded in place
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(layer(x), x @ dequantize_fp8(q, torch.float32).t() + state["bias"], rtol=1e-5,
+                               atol=1e-5)
