@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     if smoke:
         print("smoke mode: the real kernels at small shapes, each checked against the reference"
               + ("" if has_cuda else " (Triton interpreter on the CPU: no timings are shown, they would say "
-                 "nothing about a GPU)") + ". Progress on stderr; about 20 s on 2 CPU cores.", flush=True)
+                 "nothing about a GPU)") + ". Progress on stderr; about 30 s on 2 CPU cores.", flush=True)
         if providers is None:  # torch.compile of the baseline adds a minute of C++ builds on a CPU
             # and "ours-portable" is "ours" there (the interpreter takes the portable GEMM anyway)
             providers = [p for p in lora.available_providers() if p not in ("compile", "ours-portable")]
