@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..backend import check_backend
 from ..common import FLOAT_DTYPES, MAX_RANK, check, is_fp32_number, linear_autocast
-from ..quant.weight import check_quantized, device_of, is_quantized, value_key
+from ..quant.weight import check_quantized_once, device_of, is_quantized, value_key
 from .op import run_lora_bwd, run_lora_fwd
 
 
@@ -107,7 +107,7 @@ def check_lora_args(x, weight, lora_a, lora_b, scale, bias, dropout_p) -> None:
     quantized weight (checked by its format: shapes, dtypes, finite scales) in any dtype of x."""
     quantized = is_quantized(weight)
     if quantized:
-        check_quantized(weight, "weight")
+        check_quantized_once(weight, "weight")  # a device sync on a GPU: once per storage
     for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if name == "weight" and quantized:
             continue

@@ -17,14 +17,9 @@ import torch
 from torch import Tensor
 
 from ..backend import use_triton
-from ..quant.weight import call_weight_op, dequantize, from_parts
+from ..quant.weight import call_weight_op, dense, from_parts
 from .launch import lora_bwd_triton, lora_fwd_triton
 from .reference import lora_bwd_ref, lora_fwd_ref
-
-
-def _dense(weight, dtype: torch.dtype) -> Tensor:
-    """The reference's weight: a quantized one decoded as its library decodes it."""
-    return weight if isinstance(weight, Tensor) else dequantize(weight, dtype)
 
 
 def lora_fwd_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
@@ -32,7 +27,7 @@ def lora_fwd_impl(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bia
     """(y [M, N] in x.dtype, t [M, R] fp32) for a 2-D x [M, K]."""
     if use_triton(x.device, backend):
         return lora_fwd_triton(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
-    return lora_fwd_ref(x, _dense(weight, x.dtype), lora_a, lora_b, bias, scale, dropout_p, seed)
+    return lora_fwd_ref(x, dense(weight, x.dtype), lora_a, lora_b, bias, scale, dropout_p, seed)
 
 
 def lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, t: Tensor,
@@ -41,7 +36,7 @@ def lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b:
     """(dx [M, K] or empty, dA [R, K], dB [N, R], dbias [N] fp32 or empty)."""
     if use_triton(dy.device, backend):
         return lora_bwd_triton(dy, x, weight, lora_a, lora_b, t, scale, dropout_p, seed, needs_dx, needs_dbias)
-    return lora_bwd_ref(dy, x, _dense(weight, x.dtype), lora_a, lora_b, t, scale, dropout_p, seed, needs_dx,
+    return lora_bwd_ref(dy, x, dense(weight, x.dtype), lora_a, lora_b, t, scale, dropout_p, seed, needs_dx,
                         needs_dbias)
 
 

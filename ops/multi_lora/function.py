@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..backend import check_backend
 from ..common import FLOAT_DTYPES, MAX_RANK, check, check_values, linear_autocast
-from ..quant.weight import check_quantized, device_of, is_quantized
+from ..quant.weight import check_quantized_once, device_of, is_quantized
 from .op import run_multi_lora_bwd, run_multi_lora_fwd
 
 
@@ -69,7 +69,7 @@ def check_multi_lora_args(x, weight, lora_a, lora_b, ranks, scales, adapter_ids,
     CUDA graph or tracing)."""
     quantized = is_quantized(weight)
     if quantized:
-        check_quantized(weight, "weight")
+        check_quantized_once(weight, "weight")  # a device sync on a GPU: once per storage
     for name, v in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if name == "weight" and quantized:
             continue

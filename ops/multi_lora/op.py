@@ -15,13 +15,9 @@ import torch
 from torch import Tensor
 
 from ..backend import use_triton
-from ..quant.weight import call_weight_op, dequantize, from_parts
+from ..quant.weight import call_weight_op, dense, from_parts
 from .launch import multi_lora_bwd_triton, multi_lora_fwd_triton
 from .reference import multi_lora_bwd_ref, multi_lora_fwd_ref
-
-
-def _dense(weight, dtype: torch.dtype) -> Tensor:
-    return weight if isinstance(weight, Tensor) else dequantize(weight, dtype)
 
 
 def multi_lora_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -32,7 +28,7 @@ def multi_lora_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     if use_triton(x.device, backend):
         return multi_lora_fwd_triton(x, weight, bias, lora_a, lora_b, ranks, scales, adapter_ids, slices, dropout_p,
                                      seeds)
-    return multi_lora_fwd_ref(x, _dense(weight, x.dtype), bias, lora_a, lora_b, ranks, scales, adapter_ids, slices,
+    return multi_lora_fwd_ref(x, dense(weight, x.dtype), bias, lora_a, lora_b, ranks, scales, adapter_ids, slices,
                               dropout_p, seeds)
 
 
@@ -44,7 +40,7 @@ def multi_lora_bwd_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
     dbias [N] fp32 or empty)."""
     impl = multi_lora_bwd_triton if use_triton(dy.device, backend) else multi_lora_bwd_ref
     if impl is multi_lora_bwd_ref:
-        weight = _dense(weight, x.dtype)
+        weight = dense(weight, x.dtype)
     return impl(dy, x, weight, lora_a, lora_b, ranks, scales, t, perm, sid, slices, needs_dx, needs_dlora,
                 needs_dbias, dropout_p, seeds)
 

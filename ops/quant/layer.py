@@ -143,11 +143,16 @@ def quantized_weight(module: nn.Module):
     return w
 
 
+def _library_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """bitsandbytes' ``compute_dtype`` of a layer when set (the input is cast to it and the output
+    back), else None (transformers' FP8Linear and QuantLinear compute in the input's dtype)."""
+    dtype = getattr(module, "compute_dtype", None)
+    return dtype if dtype in FLOAT_DTYPES else None
+
+
 def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype a quantized layer computes in: bitsandbytes' ``compute_dtype`` when set (the input
-    is cast to it and the output back), else the input's."""
-    dtype = getattr(module, "compute_dtype", None) if not isinstance(module, QuantLinear) else None
-    return dtype if dtype in FLOAT_DTYPES else x.dtype
+    """The dtype a quantized layer computes in: its library's compute dtype, else the input's."""
+    return _library_dtype(module) or x.dtype
 
 
 class QuantizedBase:
@@ -181,8 +186,7 @@ class QuantizedBase:
     @property
     def base_dtype(self) -> torch.dtype:
         """The dtype the base computes in (bitsandbytes' compute dtype, else the weight's)."""
-        dtype = getattr(self.base_layer, "compute_dtype", None)
-        return dtype if dtype in FLOAT_DTYPES else self.weight_nk.dtype
+        return _library_dtype(self.base_layer) or self.weight_nk.dtype
 
     def base_linear(self) -> nn.Module:
         return self.base_layer

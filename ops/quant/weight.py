@@ -60,6 +60,12 @@ def dequantize(w, dtype: torch.dtype) -> Tensor:
     return FORMATS[format_of(w)][3](w).to(dtype)
 
 
+def dense(weight, dtype: torch.dtype) -> Tensor:
+    """A dense weight as it is, a quantized one decoded as its library decodes it (the references'
+    weight)."""
+    return weight if isinstance(weight, Tensor) else dequantize(weight, dtype)
+
+
 def structure(w) -> tuple:
     """Everything a launch plan depends on, values aside: format, shapes, dtypes, block sizes
     (kept on the weight object, as ``parts``)."""
@@ -87,6 +93,9 @@ _CHECKED: set = set()
 def check_quantized_once(w, name: str = "weight") -> None:
     """``check_quantized``, skipped for a weight whose ``value_key`` passed before: the value
     check costs a device sync, and a frozen weight is the same every step."""
+    if torch.compiler.is_compiling():  # traced: the checks of shapes run, values are not read (check_values)
+        check_quantized(w, name)
+        return
     key = value_key(w)
     if key in _CHECKED:
         return
